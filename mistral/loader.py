@@ -1,0 +1,265 @@
+"""Load a Mistral checkpoint folder, in either on-disk format, into a `Transformer`.
+
+Mistral format (what `mistral-inference` reads):
+    params.json                  hyper-parameters
+    consolidated.safetensors     tensors named as in model.py (`layers.0.attention.wq.weight`)
+
+Hugging Face format (what `transformers` reads):
+    config.json                  hyper-parameters
+    model.safetensors, or model-0000N-of-0000M.safetensors + model.safetensors.index.json
+                                 tensors named `model.layers.0.self_attn.q_proj.weight`, with the rows
+                                 of q_proj and k_proj permuted for "rotate-half" rotary embeddings
+
+The official v0.3 repository ships both; we read the Mistral format when both are there.
+
+The model is built on the meta device (no memory), then every tensor is read from the memory-mapped
+file, converted to the target dtype and device, and assigned in place: at no point do two full
+copies of the weights exist. Only safetensors is read: `.pth`/`.bin` files are pickles, which can
+run arbitrary code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .args import ModelArgs
+from .errors import CheckpointError
+from .model import Ops, Transformer
+
+log = logging.getLogger("mistral")
+
+CONSOLIDATED, HF = "consolidated", "hf"
+
+# Hugging Face name -> our (checkpoint) name. `{i}` is the layer index.
+HF_TO_MISTRAL = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",  # rows permuted
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",  # rows permuted
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+}
+_HF_PATTERNS = [
+    (re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"), ours) for hf, ours in HF_TO_MISTRAL.items()
+]
+_MISTRAL_TO_HF_PATTERNS = [
+    (re.compile("^" + re.escape(ours).replace(r"\{i\}", r"(\d+)") + "$"), hf) for hf, ours in HF_TO_MISTRAL.items()
+]
+
+
+def hf_to_mistral_name(name: str) -> str | None:
+    for pattern, ours in _HF_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return ours.format(i=m.group(1)) if m.groups() else ours
+    return None
+
+
+def mistral_to_hf_name(name: str) -> str:
+    for pattern, hf in _MISTRAL_TO_HF_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return hf.format(i=m.group(1)) if m.groups() else hf
+    raise KeyError(name)
+
+
+def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Interleaved-pair rows (ours) -> rotate-half rows (HF), per head: [x0 x1 x2 x3 ...] -> [x0 x2 ... | x1 x3 ...]."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_for_hf`."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a weights folder holds: its format, its hyper-parameter file and its tensor files."""
+
+    folder: Path
+    format: str  # CONSOLIDATED or HF
+    config_file: Path
+    tensor_files: tuple[Path, ...]
+
+    def args(self) -> ModelArgs:
+        return ModelArgs.from_file(self.config_file)
+
+
+def find_checkpoint(folder: str | Path, prefer: str | None = None) -> Checkpoint:
+    """Detect the format of a weights folder. `prefer` picks one where both are present."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (pass the folder that holds the checkpoint)")
+    found: dict[str, Checkpoint] = {}
+    if (folder / "params.json").is_file() and (folder / "consolidated.safetensors").is_file():
+        found[CONSOLIDATED] = Checkpoint(
+            folder, CONSOLIDATED, folder / "params.json", (folder / "consolidated.safetensors",)
+        )
+    if (folder / "config.json").is_file():
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            found[HF] = Checkpoint(folder, HF, folder / "config.json", _shards_from_index(index))
+        elif (folder / "model.safetensors").is_file():
+            found[HF] = Checkpoint(folder, HF, folder / "config.json", (folder / "model.safetensors",))
+    if not found:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".pth", ".bin", ".pt"))
+        if pickles:
+            raise CheckpointError(
+                f"{folder}: only pickled weights found ({', '.join(pickles)}); only safetensors is supported, "
+                "since unpickling can run arbitrary code. Download the .safetensors files instead."
+            )
+        raise CheckpointError(
+            f"{folder}: no recognised checkpoint: expected params.json + consolidated.safetensors (Mistral format) "
+            "or config.json + model.safetensors / model.safetensors.index.json (Hugging Face format)"
+        )
+    if prefer is not None and prefer not in (CONSOLIDATED, HF):
+        raise ValueError(f"prefer must be {CONSOLIDATED!r} or {HF!r}, got {prefer!r}")
+    if prefer is not None and prefer not in found:
+        raise CheckpointError(f"{folder}: no checkpoint in the {prefer!r} format here (found: {', '.join(found)})")
+    choice = prefer or (CONSOLIDATED if CONSOLIDATED in found else HF)
+    if len(found) == 2:
+        log.info("%s holds both formats; reading the %s one", folder, choice)
+    return found[choice]
+
+
+def _shards_from_index(index: Path) -> tuple[Path, ...]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    shards = tuple(index.parent / name for name in names)
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: listed in {index.name} but missing")
+    return shards
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
+def _progress(total: int, quiet: bool, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with huggingface-hub; without it, load silently
+        return None
+    return tqdm(total=total, desc=desc, unit="tensor", disable=quiet or not sys.stderr.isatty(), leave=False)
+
+
+def load_model(
+    folder: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    kernels: str | Ops = "torch",
+    max_seq_len: int = 32768,
+    prefer: str | None = None,
+    quiet: bool = False,
+) -> Transformer:
+    """Build the model described by `folder` and fill it with its weights.
+
+    device defaults to CPU; dtype defaults to the checkpoint's own dtype (bfloat16 for v0.3).
+    """
+    ckpt = find_checkpoint(folder, prefer)
+    args = ckpt.args()
+    device = torch.device(device if device is not None else "cpu")
+    dtype = as_dtype(dtype) if dtype is not None else None
+
+    with torch.device("meta"):
+        model = Transformer(args, max_seq_len=max_seq_len)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+    state: dict[str, torch.Tensor] = {}
+    seen_in: dict[str, Path] = {}
+    bar = None
+    for path in ckpt.tensor_files:
+        with _open_safetensors(path) as f:
+            keys = list(f.keys())
+            if bar is None:
+                bar = _progress(len(expected), quiet, f"loading {Path(folder).name}")
+            for key in keys:
+                name = key if ckpt.format == CONSOLIDATED else hf_to_mistral_name(key)
+                if name is None or name not in expected:
+                    raise CheckpointError(f"{path}: unexpected tensor {key!r} (not part of a {args.n_layers}-layer Mistral model)")
+                if name in seen_in:
+                    raise CheckpointError(f"{path}: tensor {key!r} appears again (already in {seen_in[name]})")
+                try:
+                    tensor = f.get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {key!r}, truncated or corrupt ({e})") from None
+                if tuple(tensor.shape) != expected[name]:
+                    raise CheckpointError(
+                        f"{path}: tensor {key!r} has shape {list(tensor.shape)}, but {ckpt.config_file.name} "
+                        f"implies {list(expected[name])}"
+                    )
+                if not tensor.is_floating_point():
+                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
+                if ckpt.format == HF and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                    n = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+                    tensor = unpermute_from_hf(tensor, n)
+                # On CPU with the file's own dtype this is no copy: the parameter maps the file.
+                state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                seen_in[name] = path
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    missing = [name for name in expected if name not in state]
+    if missing:
+        files = ", ".join(p.name for p in ckpt.tensor_files)
+        shown = missing if ckpt.format == CONSOLIDATED else [mistral_to_hf_name(m) for m in missing]
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        raise CheckpointError(f"{ckpt.folder}: missing tensor(s) {', '.join(shown[:5])}{more} in {files}")
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) > 1:  # mixed dtypes in the file and no dtype asked for: use the widest
+        widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
+        state = {k: v.to(widest) for k, v in state.items()}
+
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    model.init_freqs(device)
+    model.use_kernels(kernels)
+    model.eval()
+    log.info("loaded %s (%s format, %d tensors) on %s", ckpt.folder, ckpt.format, len(state), device)
+    return model
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+

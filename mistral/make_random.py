@@ -1,0 +1,148 @@
+"""Write a random-weight checkpoint of any Mistral shape, in either on-disk format.
+
+The real weights can't be downloaded on every machine, so tests, the demo and the benchmarks use
+these. Tensors are generated and written one at a time, so a full-size 7B (14.5 GB in bf16) is
+written with about one tensor's worth of memory. Both formats written from the same seed hold the
+same model: the Hugging Face one gets its q/k rows permuted exactly as the official conversion does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from .args import ModelArgs
+from .loader import CONSOLIDATED, HF, as_dtype, mistral_to_hf_name, permute_for_hf
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def tensor_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model, in checkpoint order, with its shape."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (q, args.dim),
+            p + "attention.wk.weight": (kv, args.dim),
+            p + "attention.wv.weight": (kv, args.dim),
+            p + "attention.wo.weight": (args.dim, q),
+            p + "feed_forward.w1.weight": (args.hidden_dim, args.dim),
+            p + "feed_forward.w2.weight": (args.dim, args.hidden_dim),
+            p + "feed_forward.w3.weight": (args.hidden_dim, args.dim),
+            p + "attention_norm.weight": (args.dim,),
+            p + "ffn_norm.weight": (args.dim,),
+        })
+    shapes["norm.weight"] = (args.dim,)
+    shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, std: float) -> torch.Tensor:
+    if name.endswith("norm.weight"):  # near one, but not one, so that a forgotten norm weight shows
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    return std * torch.randn(shape, generator=gen)
+
+
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, make) -> None:
+    """Write a safetensors file whose tensors come from `make(name)`, one at a time.
+
+    The format: 8 bytes little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets: [begin, end]}} padded with spaces to 8 bytes, then the data.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape in shapes.items():
+            t = make(name).to(dtype).contiguous()
+            assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
+            f.write(memoryview(t.view(torch.uint8).numpy()))
+    tmp.replace(path)  # a crash mid-write leaves no file that looks complete
+
+
+def v3_tokenizer_file() -> Path | None:
+    """The real v3 tokenizer that ships inside mistral-common, if that package is installed."""
+    try:
+        import mistral_common
+    except ImportError:
+        return None
+    path = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+    return path if path.is_file() else None
+
+
+def make_random(
+    out_dir: str | Path,
+    args: ModelArgs,
+    fmt: str = CONSOLIDATED,
+    dtype: torch.dtype | str = torch.bfloat16,
+    seed: int = 0,
+    std: float = 0.02,
+    shard_bytes: int = 5 * 2**30,
+    tokenizer: bool = True,
+) -> Path:
+    """Write a random checkpoint to out_dir; returns the folder. Same seed, same model in both formats."""
+    if fmt not in (CONSOLIDATED, HF):
+        raise ValueError(f"format must be {CONSOLIDATED!r} or {HF!r}, got {fmt!r}")
+    dtype = as_dtype(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = tensor_shapes(args)
+    gen = torch.Generator().manual_seed(seed)
+
+    if fmt == CONSOLIDATED:
+        (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
+        write_safetensors(out / "consolidated.safetensors", shapes, dtype, lambda n: _random_tensor(n, shapes[n], gen, std))
+    else:
+        (out / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
+
+        def make_hf(hf_name: str) -> torch.Tensor:
+            name = hf_names[hf_name]
+            t = _random_tensor(name, shapes[name], gen, std)
+            if name.endswith("attention.wq.weight"):
+                t = permute_for_hf(t, args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                t = permute_for_hf(t, args.n_kv_heads)
+            return t
+
+        hf_names = {mistral_to_hf_name(n): n for n in shapes}
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        shards: list[dict[str, tuple[int, ...]]] = [{}]
+        size = 0
+        for name, shape in shapes.items():
+            nbytes = itemsize * int(torch.Size(shape).numel())
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][mistral_to_hf_name(name)] = shape
+            size += nbytes
+        if len(shards) == 1:
+            write_safetensors(out / "model.safetensors", shards[0], dtype, make_hf)
+        else:
+            weight_map = {}
+            for k, shard in enumerate(shards, start=1):
+                file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(out / file, shard, dtype, make_hf)
+                weight_map.update({name: file for name in shard})
+            total = sum(itemsize * int(torch.Size(s).numel()) for s in shapes.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    source = v3_tokenizer_file() if tokenizer else None
+    if source is not None:
+        shutil.copyfile(source, out / "tokenizer.model.v3")
+    return out
