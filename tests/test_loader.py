@@ -1,0 +1,209 @@
+"""Checkpoint folders: format detection, and a clear error for every kind of bad input."""
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mistral.args import ModelArgs, preset
+from mistral.cli import main
+from mistral.errors import CheckpointError
+from mistral.loader import find_checkpoint, load_model
+from mistral.make_random import make_random
+
+ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
+                 norm_eps=1e-5, vocab_size=128, rope_theta=1e6)
+
+
+@pytest.fixture
+def consolidated(tmp_path):
+    return make_random(tmp_path / "c", ARGS, "consolidated", "float32", seed=3, tokenizer=False)
+
+
+@pytest.fixture
+def hf(tmp_path):
+    return make_random(tmp_path / "h", ARGS, "hf", "float32", seed=3, tokenizer=False)
+
+
+def test_detects_each_format_and_prefers_consolidated(tmp_path, consolidated, hf, caplog):
+    assert find_checkpoint(consolidated).format == "consolidated"
+    assert find_checkpoint(hf).format == "hf"
+    both = tmp_path / "both"
+    make_random(both, ARGS, "consolidated", "float32", seed=3, tokenizer=False)
+    make_random(both, ARGS, "hf", "float32", seed=3, tokenizer=False)
+    with caplog.at_level(logging.INFO, logger="mistral"):
+        assert find_checkpoint(both).format == "consolidated"
+    assert "both formats" in caplog.text
+    assert find_checkpoint(both, prefer="hf").format == "hf"
+
+
+def test_sharded_hf_checkpoint(tmp_path, consolidated):
+    sharded = make_random(tmp_path / "sharded", ARGS, "hf", "float32", seed=3, shard_bytes=20_000, tokenizer=False)
+    ckpt = find_checkpoint(sharded)
+    assert len(ckpt.tensor_files) > 2
+    tokens = torch.tensor([[1, 5, 9, 77]])
+    with torch.inference_mode():
+        assert torch.equal(load_model(sharded, quiet=True)(tokens), load_model(consolidated, quiet=True)(tokens))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder"):
+        load_model(tmp_path / "nope")
+
+
+def test_file_instead_of_folder(consolidated):
+    with pytest.raises(CheckpointError, match="not a folder"):
+        load_model(consolidated / "params.json")
+
+
+def test_no_recognised_checkpoint(tmp_path):
+    (tmp_path / "README.md").write_text("hi")
+    with pytest.raises(CheckpointError, match="no recognised checkpoint"):
+        load_model(tmp_path)
+
+
+def test_pickles_are_refused(tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps(ARGS.to_params()))
+    (tmp_path / "consolidated.00.pth").write_bytes(b"\x80\x04 not really a pickle")
+    with pytest.raises(CheckpointError, match="only safetensors is supported"):
+        load_model(tmp_path)
+
+
+def _rewrite(path, edit):
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def test_missing_tensor_is_named(consolidated):
+    _rewrite(consolidated / "consolidated.safetensors", lambda t: t.pop("layers.1.feed_forward.w3.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) layers\.1\.feed_forward\.w3\.weight in consolidated\.safetensors"):
+        load_model(consolidated)
+
+
+def test_missing_tensor_named_in_hf_terms(hf):
+    _rewrite(hf / "model.safetensors", lambda t: t.pop("model.layers.0.self_attn.k_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight"):
+        load_model(hf)
+
+
+def test_unexpected_tensor_is_named(consolidated):
+    _rewrite(consolidated / "consolidated.safetensors", lambda t: t.update({"layers.9.attention.wq.weight": torch.zeros(2, 2)}))
+    with pytest.raises(CheckpointError, match=r"consolidated\.safetensors: unexpected tensor 'layers\.9\.attention\.wq\.weight'"):
+        load_model(consolidated)
+
+
+def test_shape_mismatch_against_params(consolidated):
+    params = json.loads((consolidated / "params.json").read_text())
+    params["hidden_dim"] = 64
+    (consolidated / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match=r"'layers\.0\.feed_forward\.w1\.weight' has shape \[48, 32\], but params\.json implies \[64, 32\]"):
+        load_model(consolidated)
+
+
+def test_truncated_file(consolidated):
+    path = consolidated / "consolidated.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"consolidated\.safetensors.*truncated or corrupt"):
+        load_model(consolidated)
+
+
+def test_corrupt_header(consolidated):
+    path = consolidated / "consolidated.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"#" * 32  # the JSON header is now garbage
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"consolidated\.safetensors.*truncated or corrupt"):
+        load_model(consolidated)
+
+
+def test_empty_file(consolidated):
+    (consolidated / "consolidated.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"consolidated\.safetensors"):
+        load_model(consolidated)
+
+
+@pytest.mark.parametrize("field", ["dim", "n_layers", "n_kv_heads", "norm_eps", "vocab_size"])
+def test_params_missing_field(consolidated, field):
+    params = json.loads((consolidated / "params.json").read_text())
+    del params[field]
+    (consolidated / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match=rf"params\.json: missing field '{field}'"):
+        load_model(consolidated)
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_key_value_heads", "rms_norm_eps", "rope_theta"])
+def test_config_missing_field(hf, field):
+    config = json.loads((hf / "config.json").read_text())
+    del config[field]
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"config\.json: missing field '{field}'"):
+        load_model(hf)
+
+
+def test_config_rope_theta_in_rope_parameters(hf):
+    """transformers >= 5 writes rope_theta under rope_parameters."""
+    config = json.loads((hf / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config.pop("rope_theta")}
+    (hf / "config.json").write_text(json.dumps(config))
+    assert find_checkpoint(hf).args().rope_theta == 1e6
+
+
+def test_params_wrong_type_and_bad_json(consolidated):
+    params = json.loads((consolidated / "params.json").read_text())
+    params["n_heads"] = "four"
+    (consolidated / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match=r"params\.json: field 'n_heads' must be a number"):
+        load_model(consolidated)
+    (consolidated / "params.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"params\.json: not valid JSON"):
+        load_model(consolidated)
+
+
+def test_index_lists_a_missing_shard(tmp_path):
+    sharded = make_random(tmp_path / "s", ARGS, "hf", "float32", seed=3, shard_bytes=20_000, tokenizer=False)
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: listed in model\.safetensors\.index\.json but missing"):
+        load_model(sharded)
+
+
+def test_the_defaults_of_transformers_are_not_used():
+    """v0.3's figures, which MistralConfig's defaults get wrong, come from the preset / file."""
+    args = preset("7b-v0.3")
+    assert (args.norm_eps, args.rope_theta, args.sliding_window, args.vocab_size) == (1e-5, 1e6, None, 32768)
+
+
+# --- the `mistral logits` contract ---------------------------------------------------------------
+
+
+def test_logits_cli_matches_the_model(tmp_path, consolidated, hf):
+    ids = [1, 3, 100, 4, 7]
+    out_full, out_inc = tmp_path / "full.safetensors", tmp_path / "inc.safetensors"
+    assert main(["logits", str(consolidated), "--tokens", ",".join(map(str, ids)), "--out", str(out_full)]) == 0
+    assert main(["logits", str(hf), "--tokens", ",".join(map(str, ids)), "--incremental", "--out", str(out_inc)]) == 0
+    full, inc = load_file(str(out_full)), load_file(str(out_inc))
+    assert list(full) == ["logits"] and full["logits"].dtype == torch.float32
+    assert full["logits"].shape == (len(ids), ARGS.vocab_size)
+
+    from transformers import MistralForCausalLM
+
+    oracle = MistralForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager")
+    with torch.inference_mode():
+        expected = oracle(torch.tensor([ids])).logits[0]
+    for got in (full["logits"], inc["logits"]):
+        assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("tokens, message", [("1,x,3", "comma-separated integers"), ("", "empty"), ("1,999", "outside the vocabulary")])
+def test_logits_cli_bad_tokens(tmp_path, consolidated, capsys, tokens, message):
+    assert main(["logits", str(consolidated), "--tokens", tokens, "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_logits_cli_bad_folder(tmp_path, capsys):
+    assert main(["logits", str(tmp_path / "missing"), "--tokens", "1", "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder" in err and err.count("\n") == 1

@@ -1,0 +1,125 @@
+"""The model against transformers' MistralForCausalLM on the same random weights (fp32)."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import MistralForCausalLM
+
+from mistral.args import ModelArgs
+from mistral.loader import load_model
+from mistral.make_random import make_random
+
+TOL = 1e-5  # max |Δ| / max |logit|, fp32
+
+BASE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
+            norm_eps=1e-5, vocab_size=512, rope_theta=1e6)
+CONFIGS = {
+    "kv-ratio-1": ModelArgs(**{**BASE, "n_kv_heads": 4}),
+    "kv-ratio-2": ModelArgs(**BASE),
+    "kv-ratio-4": ModelArgs(**{**BASE, "n_heads": 8, "n_kv_heads": 2, "head_dim": 8}),
+    "explicit-head-dim": ModelArgs(**{**BASE, "head_dim": 24}),  # n_heads * head_dim != dim
+    "sliding-window": ModelArgs(**{**BASE, "sliding_window": 7}),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def checkpoints(request, tmp_path_factory):
+    """The same random model written in both formats, and the transformers oracle loaded from the HF one."""
+    args = CONFIGS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    consolidated = make_random(root / "consolidated", args, "consolidated", "float32", seed=7, tokenizer=False)
+    hf = make_random(root / "hf", args, "hf", "float32", seed=7, tokenizer=False)
+    oracle = MistralForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
+    return args, consolidated, hf, oracle
+
+
+def tokens_for(args: ModelArgs, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, args.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fmt", ["consolidated", "hf"])
+@torch.inference_mode()
+def test_prefill_matches_transformers(checkpoints, fmt):
+    args, consolidated, hf, oracle = checkpoints
+    model = load_model(consolidated if fmt == "consolidated" else hf, quiet=True)
+    tokens = tokens_for(args, 2, 19)  # longer than the sliding window, where there is one
+    expected = oracle(tokens).logits
+    assert rel_err(model(tokens), expected) <= TOL
+
+
+@torch.inference_mode()
+def test_incremental_decode_matches_transformers(checkpoints):
+    args, consolidated, _, oracle = checkpoints
+    model = load_model(consolidated, quiet=True)
+    tokens = tokens_for(args, 1, 16, seed=1)
+    expected = oracle(tokens).logits
+    cache = model.new_cache(max_batch=1, max_seq_len=32)
+    # a 5-token prefill, then one token at a time through the cache
+    steps = [model(tokens[:, :5], torch.tensor([0]), cache)]
+    for t in range(5, 16):
+        steps.append(model(tokens[:, t : t + 1], torch.tensor([t]), cache))
+    assert rel_err(torch.cat(steps, dim=1), expected) <= TOL
+
+
+@torch.inference_mode()
+def test_batch_rows_at_different_lengths(checkpoints):
+    """Two rows of different lengths share a batch (right-padded) and then decode at different positions."""
+    args, consolidated, _, oracle = checkpoints
+    model = load_model(consolidated, quiet=True)
+    long, short = tokens_for(args, 1, 14, seed=2)[0], tokens_for(args, 1, 6, seed=3)[0]
+    cache = model.new_cache(max_batch=2, max_seq_len=24)
+    padded = torch.stack([long, torch.cat([short, torch.zeros(8, dtype=torch.long)])])
+    prefill = model(padded, torch.tensor([0, 0]), cache)
+    assert rel_err(prefill[0], oracle(long[None]).logits[0]) <= TOL
+    assert rel_err(prefill[1, :6], oracle(short[None]).logits[0]) <= TOL
+
+    # one decode step with the rows at positions 14 and 6: the short row overwrites its padding
+    nxt = tokens_for(args, 2, 1, seed=4)
+    step = model(nxt, torch.tensor([14, 6]), cache)
+    assert rel_err(step[0, 0], oracle(torch.cat([long, nxt[0]])[None]).logits[0, -1]) <= TOL
+    assert rel_err(step[1, 0], oracle(torch.cat([short, nxt[1]])[None]).logits[0, -1]) <= TOL
+
+
+@torch.inference_mode()
+def test_both_formats_give_identical_logits(checkpoints):
+    args, consolidated, hf, _ = checkpoints
+    tokens = tokens_for(args, 1, 9, seed=5)
+    a = load_model(consolidated, quiet=True)(tokens)
+    b = load_model(hf, quiet=True)(tokens)
+    assert torch.equal(a, b)
+
+
+BF16_TOL = 3e-2  # bf16 keeps 8 bits of mantissa; errors accumulate over the layers
+
+
+@torch.inference_mode()
+def test_bf16_on_cpu_close_to_fp32(tmp_path):
+    args = CONFIGS["kv-ratio-2"]
+    folder = make_random(tmp_path, args, "consolidated", "float32", seed=11, tokenizer=False)
+    tokens = tokens_for(args, 2, 12, seed=6)
+    fp32 = load_model(folder, quiet=True)(tokens)
+    bf16_model = load_model(folder, dtype="bfloat16", quiet=True)
+    assert bf16_model.output.weight.dtype == torch.bfloat16
+    bf16 = bf16_model(tokens)
+    assert bf16.dtype == torch.bfloat16
+    assert rel_err(bf16, fp32) <= BF16_TOL
+
+
+def test_bf16_checkpoint_loads_without_copy(tmp_path):
+    """Loading a checkpoint in its own dtype on CPU maps the file instead of copying it."""
+    folder = make_random(tmp_path, CONFIGS["kv-ratio-2"], "consolidated", "bfloat16", seed=1, tokenizer=False)
+    model = load_model(folder, quiet=True)
+    assert model.output.weight.dtype == torch.bfloat16
+    assert not model.output.weight.requires_grad
+
+
+def test_model_args_reject_nonsense():
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        dataclasses.replace(CONFIGS["kv-ratio-2"], n_kv_heads=3)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        dataclasses.replace(CONFIGS["kv-ratio-2"], head_dim=15)
