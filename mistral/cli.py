@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .errors import MistralError
@@ -82,8 +83,10 @@ def cmd_logits(a) -> None:
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise MistralError(f"--tokens: ids {bad} are outside the vocabulary [0, {vocab})")
+    started = time.perf_counter()
     model = load_model(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels, prefer=a.format,
                        max_seq_len=max(len(ids), 16))
+    logging.getLogger("mistral").info("load time: %.2f s", time.perf_counter() - started)
     tokens = torch.tensor([ids], device=a.device)
     with torch.inference_mode():
         if a.incremental:

@@ -1,0 +1,336 @@
+"""The generation engine: many sequences decoded together over one preallocated KV cache.
+
+Continuous batching: the cache has `max_batch` rows; a sequence owns one row from the step it is
+admitted until it finishes. Each `step()`:
+
+    1. drops cancelled sequences and frees their rows;
+    2. admits waiting sequences into free rows: a prefill of the prompt (alone, so a prompt's
+       numbers never depend on its neighbours), and the first token sampled;
+    3. runs one decode step for every running row at once: one token in, one token out per row.
+
+Tokens go out through each sequence's `emit` callback as `TokenEvent`s, then one `FinishEvent`.
+The engine knows token ids only: text, stop strings and chat formats live in the layers above
+(`generate.py`), which may `cancel()` a sequence (a matched stop string, a client gone).
+
+Decode batch shape. By default the decode batch covers rows 0..h-1, h being one past the highest
+busy row (rows are handed out lowest first), so one sequence decodes at batch 1. With
+`fixed_batch_shape=True` every decode step runs all `max_batch` rows over the whole cache length:
+matrix kernels pick their reduction order by shape, and a fixed shape makes each row's result
+bit-identical whatever the other rows hold, so greedy output never depends on the company a request
+keeps. The server uses that.
+
+All state the decode step reads lives on the device (`tokens`, `pos`, sampling settings); the host
+reads back only the sampled tokens, to stream them.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .model import Transformer
+from .sampling import BatchFlags, SamplingTensors, sample, token_logprobs
+
+log = logging.getLogger("mistral")
+
+
+@dataclass
+class GenerationParams:
+    """How one sequence is generated (validated by the layer above)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # don't stop at EOS
+    min_tokens: int = 0  # EOS is banned until this many tokens are out
+    logprobs: bool = False
+    top_logprobs: int = 0
+    first_token: int | None = None  # force the first generated token (e.g. [TOOL_CALLS])
+
+    @property
+    def uses_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def uses_filtering(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str  # "stop" (EOS), "length" (max_tokens or context end), "cancelled", "error"
+    message: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    params: GenerationParams
+    emit: Callable[[TokenEvent | FinishEvent], None]
+    id: int = field(default_factory=itertools.count().__next__)
+    row: int | None = None
+    length: int = 0  # positions written to the cache
+    generated: int = 0
+    finished: bool = False
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit; try again later."""
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch: int = 8,
+        max_seq_len: int | None = None,
+        eos_id: int = 2,
+        fixed_batch_shape: bool = False,
+        max_waiting: int = 256,
+    ):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_seq_len = min(max_seq_len or model.max_seq_len, model.max_seq_len)
+        self.eos_id = eos_id
+        self.fixed_batch_shape = fixed_batch_shape
+        self.max_waiting = max_waiting
+        self.device = model.output.weight.device
+        self.vocab_size = model.args.vocab_size
+        self.cache = model.new_cache(max_batch, self.max_seq_len)
+
+        R, dev = max_batch, self.device
+        # per-row device state of the decode step
+        self.tokens = torch.zeros(R, dtype=torch.long, device=dev)  # last token of each row
+        self.pos = torch.zeros(R, dtype=torch.long, device=dev)  # where that token goes in the cache
+        self.active = torch.zeros(R, dtype=torch.long, device=dev)  # 1 for busy rows
+        self.n_generated = torch.zeros(R, dtype=torch.long, device=dev)
+        self.min_tokens = torch.zeros(R, dtype=torch.long, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.temperature, self.top_p, self.min_p = torch.zeros(R, **f32), torch.ones(R, **f32), torch.zeros(R, **f32)
+        self.top_k = torch.zeros(R, dtype=torch.long, device=dev)
+        self.presence, self.frequency, self.repetition = torch.zeros(R, **f32), torch.zeros(R, **f32), torch.ones(R, **f32)
+        self.seed = torch.zeros(R, dtype=torch.long, device=dev)
+        self.logit_bias: torch.Tensor | None = None  # [R, V], allocated when first needed
+        self.counts: torch.Tensor | None = None  # [R, V]
+        self.in_prompt: torch.Tensor | None = None  # [R, V]
+
+        self.running: dict[int, Sequence] = {}  # row -> sequence
+        self.free_rows = list(range(R))
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self._cancelled: set[int] = set()
+        self._cv = threading.Condition()
+        self._seed_source = torch.Generator().manual_seed(torch.initial_seed() & 0xFFFFFFFF)
+
+    # --- the interface for the layers above (thread-safe) -----------------------------------------
+
+    def add(self, prompt: list[int], params: GenerationParams, emit: Callable) -> Sequence:
+        """Queue a sequence; its events arrive through `emit` (called on the engine's thread)."""
+        seq = Sequence(list(prompt), params, emit)
+        with self._cv:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(seq)
+            self._cv.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence at the next step boundary and free its row."""
+        with self._cv:
+            self._cancelled.add(seq.id)
+            self._cv.notify()
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._cancelled)
+
+    def stats(self) -> dict:
+        return {
+            "max_batch": self.max_batch,
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "free_rows": len(self.free_rows),
+            "rows": sorted(self.running),
+        }
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """Run steps whenever there is work, until `stop` is set (the server's engine thread)."""
+        while not stop.is_set():
+            with self._cv:
+                while not self.has_work() and not stop.is_set():
+                    self._cv.wait(timeout=0.5)
+            if not stop.is_set():
+                self.step()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        with self._cv:
+            cancelled, self._cancelled = self._cancelled, set()
+            admitted = []
+            while self.waiting and (len(admitted) < len(self.free_rows) or cancelled):
+                seq = self.waiting.popleft()
+                if seq.id in cancelled:
+                    seq.finished = True
+                    continue
+                admitted.append(seq)
+        for seq in list(self.running.values()):
+            if seq.id in cancelled:
+                self._finish(seq, FinishEvent("cancelled"))
+        try:
+            for seq in admitted:
+                self._prefill(seq)
+            if self.running:
+                self._decode()
+        except Exception as e:  # never leave a consumer waiting forever
+            log.exception("engine step failed")
+            for seq in list(self.running.values()) + [s for s in admitted if s.row is None and not s.finished]:
+                self._finish(seq, FinishEvent("error", f"{type(e).__name__}: {e}"))
+
+    def _prefill(self, seq: Sequence) -> None:
+        n = len(seq.prompt)
+        if n == 0 or n >= self.max_seq_len:
+            seq.finished = True
+            seq.emit(FinishEvent("error", f"the prompt has {n} tokens; the context holds {self.max_seq_len}"))
+            return
+        row = self.free_rows.pop(0)
+        seq.row, seq.length = row, n
+        self.running[row] = seq
+        self._set_row(seq)
+        tokens = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        cache = self.cache.view(row, row + 1, length=n)
+        logits = self.model(tokens, torch.zeros(1, dtype=torch.long, device=self.device), cache, last_only=True)[:, -1]
+        first = seq.params.first_token
+        if first is not None:
+            next_tokens = torch.tensor([first], device=self.device)
+        else:
+            next_tokens = sample(logits, self._sampling(row, row + 1), self._flags([seq]), self.eos_id)
+        self._advance([seq], row, row + 1, logits, next_tokens)
+
+    def _decode(self) -> None:
+        rows = sorted(self.running)
+        hi = self.max_batch if self.fixed_batch_shape else rows[-1] + 1
+        length = self.max_seq_len if self.fixed_batch_shape else _bucket(max(s.length for s in self.running.values()) + 1, self.max_seq_len)
+        cache = self.cache.view(0, hi, length=length)
+        logits = self.model(self.tokens[:hi, None], self.pos[:hi], cache)[:, -1]  # [hi, V]
+        self.pos[:hi] += self.active[:hi]  # the token sampled now goes in at the next position
+        seqs = [self.running[r] for r in rows]
+        for seq in seqs:
+            seq.length += 1
+        next_tokens = sample(logits, self._sampling(0, hi), self._flags(seqs), self.eos_id)
+        self._advance(seqs, 0, hi, logits, next_tokens)
+
+    def _advance(self, seqs: list[Sequence], lo: int, hi: int, logits: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """Record the tokens sampled for rows lo..hi-1 on the device, then hand them out."""
+        active = self.active[lo:hi]
+        self.tokens[lo:hi] = torch.where(active.bool(), next_tokens, self.tokens[lo:hi])
+        self.n_generated[lo:hi] += active
+        if self.counts is not None:
+            self.counts[lo:hi].scatter_add_(1, next_tokens[:, None], active[:, None].int())
+        top = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
+        lp = token_logprobs(logits, next_tokens, top) if top >= 0 else None
+        ids = next_tokens.tolist()  # the one host sync of a step
+        lp = [t.tolist() if t is not None else None for t in lp] if lp is not None else None
+        for seq in seqs:
+            i = seq.row - lo
+            token = ids[i]
+            if lp is not None and seq.params.logprobs:
+                k = seq.params.top_logprobs
+                tops = tuple(zip(lp[2][i][:k], lp[1][i][:k])) if k else ()
+                event = TokenEvent(token, lp[0][i], tops)
+            else:
+                event = TokenEvent(token)
+            seq.generated += 1
+            seq.emit(event)
+            if token == self.eos_id and not seq.params.ignore_eos:
+                self._finish(seq, FinishEvent("stop"))
+            elif seq.generated >= seq.params.max_tokens or seq.length >= self.max_seq_len:
+                self._finish(seq, FinishEvent("length"))  # out of tokens, or no cache position left
+
+    def _finish(self, seq: Sequence, event: FinishEvent) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq.row is not None and self.running.get(seq.row) is seq:
+            row = seq.row
+            del self.running[row]
+            self.active[row] = 0
+            self.pos[row] = 0
+            self.free_rows.append(row)
+            self.free_rows.sort()
+        seq.emit(event)
+
+    # --- per-row settings ---------------------------------------------------------------------------
+
+    def _set_row(self, seq: Sequence) -> None:
+        p, row = seq.params, seq.row
+        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, (), generator=self._seed_source))
+        self.temperature[row], self.top_k[row], self.top_p[row], self.min_p[row] = p.temperature, p.top_k, p.top_p, p.min_p
+        self.presence[row], self.frequency[row], self.repetition[row] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+        self.seed[row] = seed & 0x7FFFFFFF
+        self.n_generated[row] = 0
+        self.min_tokens[row] = p.min_tokens
+        self.pos[row] = len(seq.prompt)
+        self.active[row] = 1
+        R, V, dev = self.max_batch, self.vocab_size, self.device
+        if p.logit_bias and self.logit_bias is None:
+            self.logit_bias = torch.zeros(R, V, dtype=torch.float32, device=dev)
+        if self.logit_bias is not None:
+            self.logit_bias[row] = 0
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=dev)
+                self.logit_bias[row, ids] = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=dev)
+        if p.uses_penalties and self.counts is None:
+            self.counts = torch.zeros(R, V, dtype=torch.int32, device=dev)
+            self.in_prompt = torch.zeros(R, V, dtype=torch.bool, device=dev)
+        if self.counts is not None:
+            self.counts[row] = 0
+            self.in_prompt[row] = False
+            self.in_prompt[row, torch.tensor(seq.prompt, dtype=torch.long, device=dev)] = True
+
+    def _sampling(self, lo: int, hi: int) -> SamplingTensors:
+        return SamplingTensors(
+            temperature=self.temperature[lo:hi], top_k=self.top_k[lo:hi], top_p=self.top_p[lo:hi],
+            min_p=self.min_p[lo:hi], presence_penalty=self.presence[lo:hi], frequency_penalty=self.frequency[lo:hi],
+            repetition_penalty=self.repetition[lo:hi], seed=self.seed[lo:hi], step=self.n_generated[lo:hi],
+            ban_eos=self.n_generated[lo:hi] < self.min_tokens[lo:hi],
+            logit_bias=self.logit_bias[lo:hi] if self.logit_bias is not None else None,
+            counts=self.counts[lo:hi] if self.counts is not None else None,
+            in_prompt=self.in_prompt[lo:hi] if self.in_prompt is not None else None,
+        )
+
+    @staticmethod
+    def _flags(seqs: list[Sequence]) -> BatchFlags:
+        return BatchFlags(
+            greedy_only=all(s.params.temperature == 0 for s in seqs),
+            penalties=any(s.params.uses_penalties for s in seqs),
+            filtering=any(s.params.uses_filtering and s.params.temperature > 0 for s in seqs),
+        )
+
+
+def _bucket(n: int, limit: int, step: int = 256) -> int:
+    """Round n up to a multiple of `step` (at most `limit`): fewer distinct attention lengths."""
+    return min(limit, -(-n // step) * step)

@@ -1,0 +1,129 @@
+"""Choosing the next token, on the device, for a batch of rows that each have their own settings.
+
+Per row: logit_bias, presence / frequency / repetition penalties, temperature (0 = greedy), top-k,
+top-p, min-p, a banned EOS (min_tokens), and a seed. Everything is tensor arithmetic over [B, V]:
+no loop over rows, no host synchronisation.
+
+Randomness is counter-based: the noise for (seed, step, token) is a hash of those three numbers.
+A seeded request therefore draws the same tokens whether it runs alone or beside others in a batch,
+and no generator state has to be carried between steps. Sampling is Gumbel-max: the argmax of
+logits / T + Gumbel noise is an exact draw from softmax(logits / T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2³² for int64 x in [0, 2³²), without overflowing int64."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift-multiply): every input bit flips about half the output bits."""
+    x = x ^ (x >> 16)
+    x = _mulmod32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mulmod32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """u in (0, 1), [B, V] fp32: a deterministic function of (seed[b], step[b], token)."""
+    device = seed.device
+    row = _mix32((seed & _M32) ^ _mix32((step * 0x9E3779B9) & _M32))  # [B]
+    col = _mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) * 0x85EBCA6B & _M32)  # [V]
+    bits = _mix32(row[:, None] ^ col[None, :]) >> 8  # [B, V], 24 random bits
+    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row settings of the rows being sampled, each [B] on the device (or [B, V] where noted)."""
+
+    temperature: torch.Tensor  # float; 0 means greedy
+    top_k: torch.Tensor  # int64; 0 means no limit
+    top_p: torch.Tensor  # float in (0, 1]
+    min_p: torch.Tensor  # float in [0, 1]
+    presence_penalty: torch.Tensor  # float
+    frequency_penalty: torch.Tensor  # float
+    repetition_penalty: torch.Tensor  # float; 1 means none
+    seed: torch.Tensor  # int64
+    step: torch.Tensor  # int64: tokens generated so far (the noise counter)
+    ban_eos: torch.Tensor  # bool
+    logit_bias: torch.Tensor | None = None  # [B, V] float, or None when no row has one
+    counts: torch.Tensor | None = None  # [B, V] int32: how often each token was generated (penalties)
+    in_prompt: torch.Tensor | None = None  # [B, V] bool: tokens of the prompt (repetition penalty)
+
+
+@dataclass(frozen=True)
+class BatchFlags:
+    """What the rows of this batch use, known on the host, so unused work is skipped."""
+
+    greedy_only: bool = True
+    penalties: bool = False
+    filtering: bool = False  # any top-k / top-p / min-p
+
+
+def apply_penalties(logits: torch.Tensor, s: SamplingTensors) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties on generated tokens, and the multiplicative
+    repetition penalty (as in CTRL / transformers) on prompt and generated tokens."""
+    counts = s.counts.to(logits.dtype)
+    logits = logits - s.frequency_penalty[:, None] * counts - s.presence_penalty[:, None] * (counts > 0)
+    seen = (s.counts > 0) | s.in_prompt
+    rep = s.repetition_penalty[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, s: SamplingTensors) -> torch.Tensor:
+    """Set to -inf every token outside top-k, outside the top-p nucleus, or below min_p · p_max.
+    logits are already divided by the temperature."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    V = logits.shape[-1]
+    rank = torch.arange(V, device=logits.device)
+    k = torch.where(s.top_k > 0, s.top_k, V)
+    drop = rank[None, :] >= k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    before = probs.cumsum(-1) - probs  # probability mass ranked above each token
+    drop |= before >= s.top_p[:, None]  # the top token is always kept: its `before` is 0
+    drop |= probs < s.min_p[:, None] * probs[:, :1]
+    drop_unsorted = torch.zeros_like(drop).scatter(-1, order, drop)
+    return logits.masked_fill(drop_unsorted, float("-inf"))
+
+
+def sample(logits: torch.Tensor, s: SamplingTensors, flags: BatchFlags, eos_id: int) -> torch.Tensor:
+    """logits [B, V] (any float dtype) -> next tokens [B] int64."""
+    logits = logits.float().clone()  # edited in place below; the caller's logits stay as they were
+    if s.logit_bias is not None:
+        logits = logits + s.logit_bias
+    if flags.penalties:
+        logits = apply_penalties(logits, s)
+    logits[:, eos_id] = torch.where(s.ban_eos, float("-inf"), logits[:, eos_id])
+    greedy = logits.argmax(-1)
+    if flags.greedy_only:
+        return greedy
+    temperature = s.temperature.clamp_min(1e-5)[:, None]
+    scaled = logits / temperature
+    if flags.filtering:
+        scaled = filter_logits(scaled, s)
+    gumbel = -torch.log(-torch.log(uniform_noise(s.seed, s.step, logits.shape[-1])))
+    sampled = (scaled + gumbel).argmax(-1)
+    return torch.where(s.temperature == 0, greedy, sampled)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int):
+    """log p(token) of the chosen tokens [B], and the `top` most likely (logprobs, ids) [B, top],
+    from the model's own distribution (before temperature, penalties and filtering)."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+    if top > 0:
+        top_logp, top_ids = logp.topk(top, dim=-1)
+        return chosen, top_logp, top_ids
+    return chosen, None, None
