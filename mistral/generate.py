@@ -1,0 +1,534 @@
+"""`Mistral`: chat and text completions that return what an OpenAI-compatible provider returns.
+
+    llm = Mistral.from_pretrained("weights/Mistral-7B-Instruct-v0.3", device="cuda", dtype="bfloat16")
+    for chunk in llm.create_chat_completion(messages=[...], max_tokens=512, stream=True):
+        print(chunk["choices"][0]["delta"].get("content", ""), end="")
+
+The data flows one way: request -> prompt ids (prompt.py) -> engine (engine.py: prefill, decode,
+sampling) -> token events -> detokenizer (tokenizer.py) -> `chat.completion(.chunk)` dicts. Every
+object is plain JSON-serialisable data in OpenAI's shape.
+
+Two ways to drive the engine: with no engine thread running, iterating a completion runs engine
+steps on the caller's thread; after `start()` (what the server does) a background thread runs the
+engine and any number of callers, sync or async, wait for their own events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import torch
+
+from .engine import Engine, FinishEvent, GenerationParams, QueueFull, TokenEvent
+from .errors import RequestError
+from .prompt import encode_chat, parse_tool_calls, read_tool_choice
+from .tokenizer import StreamingDetokenizer, Tokenizer
+
+MAX_STOP_STRINGS = 4
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+
+
+class Mistral:
+    """A loaded model with its tokenizer and generation engine."""
+
+    def __init__(self, model, tokenizer: Tokenizer, *, model_name: str = "mistral", max_batch: int = 8,
+                 max_seq_len: int = 8192, fixed_batch_shape: bool = False, max_waiting: int = 256):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        if tokenizer.vocab_size != model.args.vocab_size:
+            raise RequestError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is {model.args.vocab_size}")
+        self.engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, eos_id=tokenizer.eos_id,
+                             fixed_batch_shape=fixed_batch_shape, max_waiting=max_waiting)
+        weight = model.output.weight
+        self.system_fingerprint = f"mistral-from-scratch-{model.ops.name}-{str(weight.dtype).removeprefix('torch.')}-{weight.device.type}"
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        kernels: str = "auto",
+        max_batch: int = 8,
+        max_seq_len: int = 8192,
+        model_name: str | None = None,
+        format: str | None = None,
+        fixed_batch_shape: bool = False,
+        token: str | None = None,
+        revision: str | None = None,
+        quiet: bool = False,
+    ) -> "Mistral":
+        """Load a local weights folder, or download a Hub repo (one format only) and load it.
+
+        device: default "cuda" when available, else "cpu". dtype: default bfloat16 on CUDA, the
+        checkpoint's own dtype on CPU. max_seq_len: the KV cache's length per row (v0.3 reaches
+        32768; 8192 x 8 rows of cache take 8 GiB in bf16). token: default the HF_TOKEN variable.
+        """
+        from .hub import resolve_weights
+        from .loader import load_model
+
+        folder = resolve_weights(path_or_repo_id, format=format, token=token, revision=revision)
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None and device.type == "cuda":
+            dtype = "bfloat16"
+        model = load_model(folder, device=device, dtype=dtype, kernels=kernels, prefer=format,
+                           max_seq_len=max(max_seq_len, 1), quiet=quiet)
+        tokenizer = Tokenizer.from_path(folder)
+        name = model_name or (str(path_or_repo_id) if not Path(path_or_repo_id).exists() else Path(folder).name)
+        return cls(model, tokenizer, model_name=name, max_batch=max_batch, max_seq_len=max_seq_len,
+                   fixed_batch_shape=fixed_batch_shape)
+
+    # --- the background engine thread (the server's mode) --------------------------------------------
+
+    def start(self) -> None:
+        """Run the engine on a background thread, so that many callers can generate at once."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self.engine.serve_forever, args=(self._stop,), name="mistral-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self.engine.wake()
+            self._thread.join()
+            self._thread = None
+
+    # --- the OpenAI-shaped API ---------------------------------------------------------------------
+
+    def create_chat_completion(self, messages: list[dict], *, stream: bool = False, **params) -> dict | Iterator[dict]:
+        """A `chat.completion` dict, or with stream=True an iterator of `chat.completion.chunk` dicts.
+
+        Parameters as OpenAI's: tools, tool_choice, max_tokens (or max_completion_tokens),
+        temperature, top_p, presence_penalty, frequency_penalty, stop, seed, n, logprobs,
+        top_logprobs, logit_bias, stream_options; and as vLLM's: top_k, min_p, repetition_penalty,
+        ignore_eos, min_tokens. Bad values raise RequestError naming the parameter.
+        """
+        job = self._chat_job(messages, stream=stream, **params)
+        return self._stream(job) if stream else _last(self._stream(job))
+
+    def create_completion(self, prompt: str, *, stream: bool = False, **params) -> dict | Iterator[dict]:
+        """A `text_completion` for plain text (BOS + the prompt; no chat format)."""
+        job = self._text_job(prompt, stream=stream, **params)
+        return self._stream(job) if stream else _last(self._stream(job))
+
+    async def acreate_chat_completion(self, messages: list[dict], *, stream: bool = False, **params):
+        """The async twin of create_chat_completion; needs `start()`. Validation errors raise at once."""
+        job = self._chat_job(messages, stream=stream, **params)
+        return self._astream(job) if stream else await _alast(self._astream(job))
+
+    async def acreate_completion(self, prompt: str, *, stream: bool = False, **params):
+        job = self._text_job(prompt, stream=stream, **params)
+        return self._astream(job) if stream else await _alast(self._astream(job))
+
+    # --- building jobs ---------------------------------------------------------------------------------
+
+    def _chat_job(self, messages, *, tools=None, tool_choice=None, model=None, **params) -> "_Job":
+        tok = self.tokenizer
+        mode, name = read_tool_choice(tool_choice, tools)  # "none" | "auto" | "required" | "function"
+        prompt_tools = tools
+        if mode == "function":
+            prompt_tools = [t for t in tools if t.get("function", {}).get("name") == name]
+        prompt = encode_chat(tok, messages, tools=prompt_tools)
+        gen, opts = self._params(len(prompt), **params)
+        if mode == "none" and tools:  # the tools stay in the prompt, but the model may not call them
+            gen = dataclasses.replace(gen, logit_bias={**(gen.logit_bias or {}), tok.tool_calls_id: -math.inf})
+        elif mode in ("required", "function"):  # the answer starts with [TOOL_CALLS]
+            gen = dataclasses.replace(gen, first_token=tok.tool_calls_id)
+        return _Job(self, "chat", prompt, gen, tools_enabled=bool(tools) and mode != "none", **opts)
+
+    def _text_job(self, prompt, *, model=None, **params) -> "_Job":
+        if not isinstance(prompt, str):
+            raise RequestError("prompt must be a string", param="prompt")
+        ids = self.tokenizer.encode(prompt, bos=True)
+        gen, opts = self._params(len(ids), **params)
+        return _Job(self, "text", ids, gen, tools_enabled=False, **opts)
+
+    def _params(
+        self,
+        prompt_len: int,
+        *,
+        stream: bool = False,
+        stream_options: dict | None = None,
+        max_tokens: int | None = None,
+        max_completion_tokens: int | None = None,
+        temperature: float | None = 1.0,
+        top_p: float | None = 1.0,
+        top_k: int | None = 0,
+        min_p: float | None = 0.0,
+        presence_penalty: float | None = 0.0,
+        frequency_penalty: float | None = 0.0,
+        repetition_penalty: float | None = 1.0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        n: int | None = 1,
+        logprobs: bool | None = False,
+        top_logprobs: int | None = None,
+        logit_bias: dict | None = None,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        user: str | None = None,
+    ) -> tuple[GenerationParams, dict]:
+        """Validate OpenAI-style parameters and turn them into the engine's GenerationParams."""
+        # None means "the default", as it does in OpenAI's API.
+        temperature = _number("temperature", 1.0 if temperature is None else temperature, 0.0, 2.0)
+        top_p = _number("top_p", 1.0 if top_p is None else top_p, 0.0, 1.0, low_open=True)
+        top_k = _integer("top_k", 0 if top_k in (None, -1) else top_k, 0, self.model.args.vocab_size)
+        min_p = _number("min_p", 0.0 if min_p is None else min_p, 0.0, 1.0)
+        presence_penalty = _number("presence_penalty", presence_penalty or 0.0, -2.0, 2.0)
+        frequency_penalty = _number("frequency_penalty", frequency_penalty or 0.0, -2.0, 2.0)
+        repetition_penalty = _number("repetition_penalty", 1.0 if repetition_penalty is None else repetition_penalty, 0.0, 10.0, low_open=True)
+        n = _integer("n", 1 if n is None else n, 1, MAX_N)
+        min_tokens = _integer("min_tokens", min_tokens, 0, None)
+        if seed is not None:
+            seed = _integer("seed", seed, -(2**63), 2**63 - 1)
+        if not isinstance(ignore_eos, bool):
+            raise RequestError("ignore_eos must be a boolean", param="ignore_eos")
+        if not isinstance(stream, bool):
+            raise RequestError("stream must be a boolean", param="stream")
+        logprobs = bool(_boolean("logprobs", logprobs))
+        if top_logprobs is not None:
+            top_logprobs = _integer("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
+            if top_logprobs and not logprobs:
+                raise RequestError("top_logprobs needs logprobs to be true", param="top_logprobs")
+        stops = _stop_strings(stop)
+        bias = self._logit_bias(logit_bias)
+        include_usage = False
+        if stream_options is not None:
+            if not stream:
+                raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
+            if not isinstance(stream_options, dict):
+                raise RequestError("stream_options must be an object", param="stream_options")
+            include_usage = bool(_boolean("stream_options.include_usage", stream_options.get("include_usage", False)))
+
+        if max_tokens is not None and max_completion_tokens is not None:
+            raise RequestError("give max_tokens or max_completion_tokens, not both", param="max_tokens")
+        limit = max_tokens if max_tokens is not None else max_completion_tokens
+        param = "max_tokens" if max_tokens is not None else "max_completion_tokens"
+        room = self.max_seq_len - prompt_len
+        if room <= 0:
+            raise RequestError(
+                f"the prompt has {prompt_len} tokens, but this model's context holds {self.max_seq_len}: "
+                "shorten the messages", param="messages", code="context_length_exceeded")
+        limit = room if limit is None else min(_integer(param, limit, 1, None), room)
+        if min_tokens > limit:
+            raise RequestError(f"min_tokens ({min_tokens}) is larger than max_tokens ({limit})", param="min_tokens")
+        gen = GenerationParams(
+            max_tokens=limit, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty, logit_bias=bias, seed=seed, ignore_eos=ignore_eos,
+            min_tokens=min_tokens, logprobs=logprobs, top_logprobs=top_logprobs or 0,
+        )
+        return gen, {"n": n, "stop": stops, "stream": stream, "include_usage": include_usage}
+
+    def _logit_bias(self, logit_bias) -> dict[int, float] | None:
+        if logit_bias is None:
+            return None
+        if not isinstance(logit_bias, dict):
+            raise RequestError("logit_bias must map token ids to numbers", param="logit_bias")
+        out = {}
+        for key, value in logit_bias.items():
+            try:
+                token = int(key)
+            except (TypeError, ValueError):
+                raise RequestError(f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+            if not 0 <= token < self.model.args.vocab_size or str(token) != str(key).strip():
+                raise RequestError(f"logit_bias key {key!r} is not a token id in [0, {self.model.args.vocab_size})", param="logit_bias")
+            out[token] = _number(f"logit_bias[{key!r}]", value, -100.0, 100.0)
+        return out or None
+
+    # --- running jobs ----------------------------------------------------------------------------------
+
+    def _stream(self, job: "_Job") -> Iterator[dict]:
+        events: queue.Queue = queue.Queue()
+        seqs = job.submit(lambda i, ev: events.put((i, ev)))
+        try:
+            yield from job.opening()
+            while not job.done:
+                while events.empty() and self._thread is None:
+                    self.engine.step()  # no engine thread: run the engine here
+                i, ev = events.get()
+                yield from job.on_event(i, ev)
+                if job.choices[i].stopped_early:
+                    self.engine.cancel(seqs[i])
+            yield from job.closing()
+        finally:
+            job.cancel_unfinished(seqs)
+
+    async def _astream(self, job: "_Job") -> AsyncIterator[dict]:
+        if self._thread is None:
+            raise RuntimeError("the async API needs the engine thread: call start() first")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seqs = job.submit(lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+        try:
+            for chunk in job.opening():
+                yield chunk
+            while not job.done:
+                i, ev = await events.get()
+                for chunk in job.on_event(i, ev):
+                    yield chunk
+                if job.choices[i].stopped_early:
+                    self.engine.cancel(seqs[i])
+            for chunk in job.closing():
+                yield chunk
+        finally:
+            job.cancel_unfinished(seqs)
+
+
+class _Choice:
+    """One choice's decoding state: detokenizer, tool-call capture, counts, logprobs."""
+
+    def __init__(self, job: "_Job", index: int):
+        self.index = index
+        self.detok = StreamingDetokenizer(job.llm.tokenizer, job.stop)
+        self.tokens = 0  # generated tokens counted in usage
+        self.content = ""
+        self.tool_ids: list[int] | None = None  # ids after [TOOL_CALLS], once it appears
+        self.tool_calls: list[dict] | None = None
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict] = []  # all entries, for the non-streamed answer
+        self.pending_logprobs: list[dict] = []  # entries not yet attached to a chunk
+        self.stopped_early = False  # a stop string matched: the engine should drop the sequence
+
+
+class _Job:
+    """One request: n engine sequences and the chunks made from their events."""
+
+    def __init__(self, llm: Mistral, kind: str, prompt: list[int], gen: GenerationParams, *, tools_enabled: bool,
+                 n: int, stop: list[str], stream: bool, include_usage: bool):
+        self.llm, self.kind, self.prompt, self.gen = llm, kind, prompt, gen
+        self.tools_enabled, self.n, self.stop, self.stream, self.include_usage = tools_enabled, n, stop, stream, include_usage
+        self.id = ("chat-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.choices = [_Choice(self, i) for i in range(n)]
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    def submit(self, emit) -> list:
+        seqs = []
+        try:
+            for i in range(self.n):
+                gen = self.gen if self.gen.seed is None else dataclasses.replace(self.gen, seed=self.gen.seed + i)
+                seqs.append(self.llm.engine.add(self.prompt, gen, lambda ev, i=i: emit(i, ev)))
+        except QueueFull as e:
+            for seq in seqs:
+                self.llm.engine.cancel(seq)
+            raise RequestError(f"the server is busy: {e}", code="queue_full") from None
+        return seqs
+
+    def cancel_unfinished(self, seqs) -> None:
+        for seq, choice in zip(seqs, self.choices):
+            if choice.finish_reason is None or choice.stopped_early:
+                self.llm.engine.cancel(seq)
+
+    # --- events -> chunks ------------------------------------------------------------------------------
+
+    def opening(self) -> Iterator[dict]:
+        if self.stream and self.kind == "chat":
+            for c in self.choices:
+                yield self._chunk(c, {"role": "assistant", "content": ""})
+
+    def on_event(self, i: int, ev) -> Iterator[dict]:
+        c = self.choices[i]
+        if c.finish_reason is not None:
+            return  # events after a stop string matched
+        tok = self.llm.tokenizer
+        if isinstance(ev, TokenEvent):
+            c.tokens += 1
+            if self.gen.logprobs:
+                entry = self._logprob_entry(ev)
+                c.logprobs.append(entry)
+                c.pending_logprobs.append(entry)
+            if c.tool_ids is not None:
+                c.tool_ids.append(ev.token)
+                return
+            if self.tools_enabled and ev.token == tok.tool_calls_id:
+                c.tool_ids = [ev.token]
+                return
+            text = c.detok.push(ev.token)
+            if c.detok.stopped:
+                c.stopped_early = True
+                c.finish_reason = "stop"
+            yield from self._content(c, text)
+            if c.finish_reason is not None and self.stream:
+                yield self._chunk(c, {}, finish_reason=c.finish_reason)
+            return
+        assert isinstance(ev, FinishEvent)
+        if ev.reason == "error":
+            raise RuntimeError(f"generation failed: {ev.message}")
+        reason = "length" if ev.reason == "length" else "stop"
+        if c.tool_ids is not None:
+            content, calls = parse_tool_calls(tok, c.tool_ids)
+            if calls:
+                c.tool_calls = calls
+                reason = "tool_calls"
+                if self.stream:
+                    deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                    yield self._chunk(c, {"tool_calls": deltas})
+            elif content:
+                yield from self._content(c, content)
+        else:
+            yield from self._content(c, c.detok.finish())
+        c.finish_reason = reason
+        if self.stream:
+            yield self._chunk(c, {}, finish_reason=reason)
+
+    def _content(self, c: _Choice, text: str) -> Iterator[dict]:
+        if not text:
+            return
+        c.content += text
+        if self.stream:
+            yield self._chunk(c, {"content": text} if self.kind == "chat" else text)
+
+    def closing(self) -> Iterator[dict]:
+        if self.stream:
+            if self.include_usage:
+                yield {**self._envelope(), "choices": [], "usage": self._usage()}
+            return
+        yield self._completion()
+
+    # --- the OpenAI shapes ---------------------------------------------------------------------------
+
+    def _envelope(self) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        if not self.stream:
+            obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.llm.model_name,
+                "system_fingerprint": self.llm.system_fingerprint}
+
+    def _chunk(self, c: _Choice, delta, finish_reason: str | None = None) -> dict:
+        logprobs, c.pending_logprobs = c.pending_logprobs, []
+        if self.kind == "chat":
+            choice = {"index": c.index, "delta": delta, "logprobs": {"content": logprobs} if logprobs else None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": c.index, "text": delta if isinstance(delta, str) else "",
+                      "logprobs": self._text_logprobs(logprobs) if logprobs else None, "finish_reason": finish_reason}
+        return {**self._envelope(), "choices": [choice]}
+
+    def _completion(self) -> dict:
+        choices = []
+        for c in self.choices:
+            if self.kind == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": c.content if (c.content or not c.tool_calls) else None}
+                if c.tool_calls:
+                    message["tool_calls"] = c.tool_calls
+                choices.append({"index": c.index, "message": message,
+                                "logprobs": {"content": c.logprobs} if self.gen.logprobs else None,
+                                "finish_reason": c.finish_reason})
+            else:
+                choices.append({"index": c.index, "text": c.content,
+                                "logprobs": self._text_logprobs(c.logprobs) if self.gen.logprobs else None,
+                                "finish_reason": c.finish_reason})
+        return {**self._envelope(), "choices": choices, "usage": self._usage()}
+
+    def _usage(self) -> dict:
+        completion = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": completion,
+                "total_tokens": len(self.prompt) + completion,
+                "prompt_tokens_details": None, "completion_tokens_details": None}
+
+    def _token_text(self, token: int) -> tuple[str, list[int]]:
+        tok = self.llm.tokenizer
+        if tok.is_byte(token):
+            b = tok.byte_value[token]
+            return bytes([b]).decode("utf-8", errors="backslashreplace"), [b]
+        if tok.is_control(token):
+            return tok.id_to_piece(token), []
+        text = tok.id_to_piece(token).replace("\u2581", " ")
+        return text, list(text.encode())
+
+    def _logprob_entry(self, ev: TokenEvent) -> dict:
+        text, raw = self._token_text(ev.token)
+        top = []
+        for token, logprob in ev.top_logprobs or ():
+            t, b = self._token_text(token)
+            top.append({"token": t, "logprob": logprob, "bytes": b})
+        return {"token": text, "logprob": ev.logprob, "bytes": raw, "top_logprobs": top}
+
+    @staticmethod
+    def _text_logprobs(entries: list[dict]) -> dict:
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": None}
+
+
+# --- parameter checks -------------------------------------------------------------------------------
+
+
+def _number(name: str, value, low: float, high: float, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise RequestError(f"{name} must be a number, got {value!r}", param=name)
+    if value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise RequestError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}", param=name)
+    return float(value)
+
+
+def _integer(name: str, value, low: int, high: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {value!r}", param=name)
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise RequestError(f"{name} must be {bounds}, got {value}", param=name)
+    return value
+
+
+def _boolean(name: str, value):
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"{name} must be a boolean, got {value!r}", param=name)
+    return value
+
+
+def _stop_strings(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list):
+        raise RequestError("stop must be a string or a list of strings", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
+    for i, s in enumerate(stops):
+        if not isinstance(s, str) or not s:
+            raise RequestError(f"stop[{i}] must be a non-empty string, got {s!r}", param="stop")
+    return stops
+
+
+def _last(it: Iterator[dict]) -> dict:
+    result = None
+    for result in it:
+        pass
+    return result
+
+
+async def _alast(it: AsyncIterator[dict]) -> dict:
+    result = None
+    async for result in it:
+        pass
+    return result
+
+
+def dumps(obj: dict) -> str:
+    """Compact JSON for a chunk (what the server frames as an SSE event)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
