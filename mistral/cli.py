@@ -112,11 +112,95 @@ def add_tokenize(sub) -> None:
 
 
 def add_describe(sub) -> None:
-    pass
+    from .describe import DEFAULT_MAX_CONTEXT, DTYPE_BYTES, GPUS
+
+    p = sub.add_parser("describe", help="the architecture in numbers: tensors, memory, FLOPs, roofline floor")
+    p.add_argument("source", metavar="WEIGHTS_OR_PRESET",
+                   help="a preset (7b-v0.3, small, 0.5b), a weights folder, or a params.json / config.json")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--gpu", default=None, help=f"roofline GPU: {', '.join(GPUS)} (default h100; spec-sheet figures)")
+    p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s (replaces the preset's)")
+    p.add_argument("--tflops", type=float, default=None, help="peak dense FLOP rate in TFLOP/s (replaces the preset's)")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_BYTES), help="weights' dtype (default bfloat16)")
+    p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="KV cache dtype (default: the weights', bfloat16 for int8/int4)")
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
+    p.add_argument("--seq-lens", default="512,4096,32768", help="sequence lengths of the roofline table")
+    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="context for the full KV-cache size")
+    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
+    p.set_defaults(run=cmd_describe)
+
+
+def cmd_describe(a) -> None:
+    from .describe import describe, gpu, resolve
+
+    try:
+        seq_lens = tuple(int(n) for n in a.seq_lens.replace(" ", "").split(",") if n)
+    except ValueError:
+        raise MistralError(f"--seq-lens must be comma-separated integers, got {a.seq_lens!r}") from None
+    args, source, checkpoint = resolve(a.source, a.format)
+    d = describe(args, source, a.dtype, a.kv_dtype, gpu(a.gpu, a.bandwidth, a.tflops), a.batch, seq_lens,
+                 a.max_context, checkpoint)
+    print(json.dumps(d.to_dict(), indent=2) if a.json else d.format())
 
 
 def add_inspect(sub) -> None:
-    pass
+    p = sub.add_parser("inspect", help="one forward pass, drawn: attention maps, logit lens, residual norms")
+    p.add_argument("weights", type=Path)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text, encoded with BOS")
+    what.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn: <s>[INST] ... [/INST]")
+    p.add_argument("--layers", default="all", help="layers to draw: all, or e.g. 0,15,31 or 0-3 (default all)")
+    p.add_argument("--heads", default="all", help="heads to draw in each layer: all, or e.g. 0-3 (default all)")
+    p.add_argument("--top-k", type=int, default=5, help="tokens kept per position by the logit lens (default 5)")
+    p.add_argument("--out", required=True, type=Path, help="folder for inspect.json and the PNGs")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the checkpoint's own")
+    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
+    p.set_defaults(run=cmd_inspect)
+
+
+def cmd_inspect(a) -> None:
+    from .lens import parse_indices, token_labels, trace, write_report
+    from .loader import find_checkpoint, load_model
+    from .tokenizer import Tokenizer
+
+    args = find_checkpoint(a.weights, a.format).args()
+    layers = parse_indices(a.layers, args.n_layers, "layers")
+    heads = parse_indices(a.heads, args.n_heads, "heads")
+    tokenizer = None
+    if a.prompt is not None or a.chat:
+        tokenizer = Tokenizer.from_path(a.weights)
+    else:
+        try:
+            tokenizer = Tokenizer.from_path(a.weights)
+        except MistralError:  # token ids alone can be inspected; they are labelled by number
+            pass
+    if a.tokens is not None:
+        if a.chat:
+            raise MistralError("--chat wraps a --prompt; it cannot be combined with --tokens")
+        ids = parse_token_ids(a.tokens)
+    elif a.chat:
+        try:
+            from .prompt import encode_chat
+        except ImportError:
+            raise MistralError("--chat needs mistral/prompt.py (the v3 prompt format), which this checkout lacks") from None
+        ids = encode_chat(tokenizer, [{"role": "user", "content": a.prompt}])
+    else:
+        ids = tokenizer.encode(a.prompt, bos=True)
+    bad = [i for i in ids if not 0 <= i < args.vocab_size]
+    if bad:
+        raise MistralError(f"--tokens: ids {bad[:5]} are outside the vocabulary [0, {args.vocab_size})")
+    model = load_model(a.weights, device=a.device, dtype=a.dtype, prefer=a.format, max_seq_len=max(len(ids), 16))
+    labels = token_labels(tokenizer, ids) if tokenizer else None
+    t = trace(model, ids, labels, a.top_k)
+    pieces = tokenizer.id_to_piece if tokenizer else str
+    files = write_report(t, a.out, layers, heads, a.prompt, pieces)
+    top = t.lens_ids[-1, -1, 0].item()
+    print(f"{len(ids)} tokens; next token {pieces(top)!r} (p={t.lens_probs[-1, -1, 0].item():.3f})")
+    print(f"wrote {len(files)} files to {a.out}: " + ", ".join(f.name for f in files))
 
 
 # --- main ----------------------------------------------------------------------------------------
