@@ -203,6 +203,185 @@ def cmd_inspect(a) -> None:
     print(f"wrote {len(files)} files to {a.out}: " + ", ".join(f.name for f in files))
 
 
+# --- generate / chat / demo / download (issue 4) ------------------------------------------------
+
+
+def _add_model_flags(p) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, the checkpoint's own dtype on CPU")
+    p.add_argument("--kernels", default="auto", choices=["torch", "triton", "auto"])
+    p.add_argument("--max-seq-len", type=int, default=8192, help="KV-cache length (default 8192)")
+
+
+def _add_sampling_flags(p) -> None:
+    p.add_argument("--max-tokens", type=int, default=None, help="default: up to the end of the context")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable, at most 4)")
+
+
+def _sampling(a) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+                repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
+
+
+def _load(a, max_batch: int = 1):
+    from .generate import Mistral
+
+    return Mistral.from_pretrained(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels,
+                                   max_batch=max_batch, max_seq_len=a.max_seq_len, quiet=not a.verbose)
+
+
+def _print_stream(chunks) -> dict | None:
+    """Print streamed content as it comes; return the usage chunk, if any."""
+    usage = None
+    for chunk in chunks:
+        if not chunk["choices"]:
+            usage = chunk
+            continue
+        choice = chunk["choices"][0]
+        delta = choice.get("delta", {})
+        print(delta.get("content") or "", end="", flush=True)
+        for call in delta.get("tool_calls") or ():
+            print(f"[tool call] {call['function']['name']}({call['function']['arguments']})", end="", flush=True)
+    print()
+    return usage
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="answer one prompt (as a user chat turn) on stdout")
+    p.add_argument("weights", type=str, help="a weights folder or a Hub repo id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
+    _add_model_flags(p)
+    _add_sampling_flags(p)
+    p.set_defaults(run=cmd_generate)
+
+
+def cmd_generate(a) -> None:
+    llm = _load(a)
+    if a.raw:
+        for chunk in llm.create_completion(a.prompt, stream=True, **_sampling(a)):
+            print(chunk["choices"][0]["text"] if chunk["choices"] else "", end="", flush=True)
+        print()
+        return
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+    _print_stream(llm.create_chat_completion(messages, stream=True, **_sampling(a)))
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive chat with streamed answers (/reset, /exit)")
+    p.add_argument("weights", type=str, help="a weights folder or a Hub repo id")
+    p.add_argument("--system", default=None, help="a system prompt")
+    _add_model_flags(p)
+    _add_sampling_flags(p)
+    p.set_defaults(run=cmd_chat)
+
+
+def cmd_chat(a) -> None:
+    llm = _load(a)
+    history: list[dict] = []
+    print(f"chatting with {llm.model_name} ({llm.system_fingerprint}); /reset clears the history, /exit or Ctrl-D quits")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history.clear()
+            print("(history cleared)")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + history
+        answer = []
+        try:
+            for chunk in llm.create_chat_completion(messages, stream=True, **_sampling(a)):
+                for choice in chunk["choices"]:
+                    text = choice["delta"].get("content") or ""
+                    answer.append(text)
+                    print(text, end="", flush=True)
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            print(" [interrupted]", end="")
+        except MistralError as e:
+            history.pop()
+            print(f"error: {e}")
+            continue
+        print()
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+DEMO_DIR = Path("weights/demo-small")
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on a small random checkpoint (made if absent)")
+    p.add_argument("--weights", type=Path, default=DEMO_DIR)
+    p.add_argument("--prompt", default="Hi there! What is Mistral-7B?")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.set_defaults(run=cmd_demo)
+
+
+def cmd_demo(a) -> None:
+    from .args import preset
+    from .generate import Mistral, dumps
+    from .loader import find_checkpoint
+    from .make_random import make_random, v3_tokenizer_file
+
+    if not (a.weights / "params.json").exists():
+        if v3_tokenizer_file() is None:
+            raise MistralError("the demo needs the real v3 tokenizer file that ships with mistral-common: "
+                               "pip install mistral-common (or: pip install -e '.[demo]')")
+        print(f"making a small random checkpoint in {a.weights} ...")
+        make_random(a.weights, preset("small"), "consolidated", "float32", seed=0)
+    find_checkpoint(a.weights)
+    print("NOTE: these weights are random, so the answer below is nonsense; the pipeline around it is real:\n"
+          "  v3 prompt format -> prefill + KV-cache decode -> sampling -> streaming detokenizer -> OpenAI chunks.\n"
+          "For the real model: mistral download mistralai/Mistral-7B-Instruct-v0.3 --dir weights/Mistral-7B-Instruct-v0.3\n"
+          "  then: mistral chat weights/Mistral-7B-Instruct-v0.3   (needs a Hub token with access; a GPU is advised)\n")
+    llm = Mistral.from_pretrained(a.weights, device="cpu", kernels="torch", max_batch=1, max_seq_len=1024, quiet=True)
+    messages = [{"role": "system", "content": "Act like you are a helpful assistant."}, {"role": "user", "content": a.prompt}]
+    print(f"user: {a.prompt}\nassistant: ", end="", flush=True)
+    chunks: list[dict] = []
+    for chunk in llm.create_chat_completion(messages, stream=True, max_tokens=a.max_tokens, temperature=0.7, seed=0,
+                                            stream_options={"include_usage": True}):
+        chunks.append(chunk)
+        if chunk["choices"]:
+            print(chunk["choices"][0]["delta"].get("content") or "", end="", flush=True)
+    print("\n\nthe stream was", len(chunks), "chat.completion.chunk objects; the first and the last two:")
+    for chunk in (chunks[0], *chunks[-2:]):
+        print("  data:", dumps(chunk))
+
+
+def add_download(sub) -> None:
+    p = sub.add_parser("download", help="download one format of a Hub checkpoint")
+    p.add_argument("repo_id", help="e.g. mistralai/Mistral-7B-Instruct-v0.3")
+    p.add_argument("--format", default="consolidated", choices=["consolidated", "hf"])
+    p.add_argument("--dir", type=Path, default=None, help="default: weights/<repo name>")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(run=cmd_download)
+
+
+def cmd_download(a) -> None:
+    from .hub import download
+
+    folder = download(a.repo_id, a.format, local_dir=a.dir or Path("weights") / a.repo_id.split("/")[-1], revision=a.revision)
+    print(f"downloaded {a.repo_id} ({a.format}) to {folder}")
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -210,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral", description="Mistral-7B-Instruct-v0.3 from scratch")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_make_random, add_logits, add_tokenize, add_describe, add_inspect):
+    for add in (add_make_random, add_logits, add_tokenize, add_describe, add_inspect,
+                add_generate, add_chat, add_demo, add_download):
         add(sub)
     return parser
 
