@@ -319,7 +319,7 @@ class Description:
             f"+ {_count(pt['attention_flops_per_visible_key'])} per visible key in attention"
         )
         out.append(
-            f"  bytes: {_size(pt['weight_bytes_read'])} of weights "
+            f"  bytes: {_size(pt['weight_bytes_read'])} of weights (all but the embedding table, of which one row) "
             f"+ {_size(pt['kv_bytes_read_per_visible_key'])} of KV cache per visible key"
         )
         gi = d["gpu"]
