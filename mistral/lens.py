@@ -133,8 +133,9 @@ def trace(model: Transformer, tokens: list[int], labels: list[str] | None = None
             h = torch.stack(residual)  # [n + 1, T, dim]
             # The logit lens: every depth decoded as if it were the last. The last depth's lens is
             # the model's own output, which the tests use to check the recording.
-            lens = torch.stack([model.output(model.norm(h[d])).float().softmax(-1) for d in range(n + 1)])
-            lens_probs, lens_ids = lens.topk(top_k, dim=-1)  # [n + 1, T, k]
+            tops = [model.output(model.norm(h[d])).float().softmax(-1).topk(top_k, dim=-1) for d in range(n + 1)]
+            lens_probs = torch.stack([top.values for top in tops])  # [n + 1, T, k]
+            lens_ids = torch.stack([top.indices for top in tops])
     finally:
         for handle in handles:
             handle.remove()
