@@ -105,7 +105,34 @@ def cmd_logits(a) -> None:
 
 
 def add_tokenize(sub) -> None:
-    pass
+    p = sub.add_parser("tokenize", help="print the prompt ids of a chat request (or of plain text) as a JSON list")
+    p.add_argument("tokenizer", type=Path, help="a weights folder (tokenizer.model.v3) or a tokenizer file")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--request", type=Path, help="an OpenAI chat-completions request body (JSON file, - for stdin)")
+    what.add_argument("--text", help="plain text to encode, without chat formatting")
+    p.add_argument("--bos", action="store_true", help="with --text: put <s> first")
+    p.set_defaults(run=cmd_tokenize)
+
+
+def cmd_tokenize(a) -> None:
+    from .errors import RequestError
+    from .prompt import encode_request
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_path(a.tokenizer)
+    if a.text is not None:
+        ids = tokenizer.encode(a.text, bos=a.bos)
+    else:
+        source = "stdin" if str(a.request) == "-" else str(a.request)
+        try:
+            raw = sys.stdin.read() if source == "stdin" else a.request.read_text(encoding="utf-8")
+            body = json.loads(raw)
+        except (OSError, UnicodeDecodeError) as e:
+            raise RequestError(f"--request {source}: cannot read it ({e})") from None
+        except json.JSONDecodeError as e:
+            raise RequestError(f"--request {source}: not JSON ({e})") from None
+        ids = encode_request(tokenizer, body)
+    print(json.dumps(ids))
 
 
 # --- describe / inspect (issue 8) ----------------------------------------------------------------
