@@ -1,9 +1,10 @@
 """The v3 instruct format: an OpenAI chat request in, the exact prompt ids out; model output back.
 
-The prompt Mistral-7B-Instruct-v0.3 was trained on, for messages m0..mn, is
+The prompt Mistral-7B-Instruct-v0.3 was trained on reads (spaces shown only between tokens):
 
-    <s> ([INST] user [/INST] assistant</s> | [TOOL_CALLS] calls</s> | [TOOL_RESULTS] result [/TOOL_RESULTS])...
-        [AVAILABLE_TOOLS] tools [/AVAILABLE_TOOLS] [INST] system\\n\\nlast user [/INST]
+    <s> [INST] user [/INST] answer </s> ... [INST] user [/INST] [TOOL_CALLS] calls </s>
+        [TOOL_RESULTS] result [/TOOL_RESULTS] ... [AVAILABLE_TOOLS] tools [/AVAILABLE_TOOLS]
+        [INST] system\n\nlast user [/INST] (then any calls, results or answer prefix after it)
 
 with these rules, each taken from what mistral-common builds (and tested against it token for token):
 
@@ -17,7 +18,8 @@ with these rules, each taken from what mistral-common builds (and tested against
   prefix the model is asked to continue. Tool calls are `[TOOL_CALLS]` + a JSON list of
   {"name", "arguments", "id"}, arguments as a JSON value when they parse, else as the string.
 - Tool results are `{"content": ..., "call_id": ...}`, content as a JSON value when it parses,
-  `{}` when empty, else the string.
+  `{}` when empty, else the string. Calls and results of earlier turns stay in the prompt (v2
+  dropped those before the last user message; v3 does not).
 - JSON is written by `json.dumps(..., ensure_ascii=False)` with its default separators; each piece
   of text is encoded on its own (so each starts with SentencePiece's dummy-prefix space).
 """
@@ -91,7 +93,8 @@ def _text_parts(content: Any, where: str, allow_none: bool = False) -> list[str]
     if isinstance(content, str):
         return [content]
     if not isinstance(content, list):
-        raise RequestError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}", param=where)
+        kind = type(content).__name__
+        raise RequestError(f"{where}: content must be a string or a list of parts, got {kind}", param=where)
     parts = []
     for j, part in enumerate(content):
         here = f"{where}[{j}]"
@@ -149,10 +152,14 @@ def _read_tool_calls(calls: Any, where: str) -> list[dict]:
             raise RequestError(f"{here}.id: tool call id {call_id!r} is used twice in this message", param=f"{here}.id")
         seen.add(call_id)
         if call.get("type", "function") != "function":
-            raise RequestError(f"{here}.type: only 'function' tool calls exist, got {call.get('type')!r}", param=f"{here}.type")
+            raise RequestError(
+                f"{here}.type: only 'function' tool calls exist, got {call.get('type')!r}", param=f"{here}.type"
+            )
         function = call.get("function")
         if not isinstance(function, dict):
-            raise RequestError(f"{here}.function: an object with 'name' and 'arguments' is required", param=f"{here}.function")
+            raise RequestError(
+                f"{here}.function: an object with 'name' and 'arguments' is required", param=f"{here}.function"
+            )
         name = function.get("name")
         if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
             raise RequestError(
@@ -165,7 +172,12 @@ def _read_tool_calls(calls: Any, where: str) -> list[dict]:
 
 
 def _read_messages(messages: Any, continue_final_message: bool) -> list[_Message]:
-    """Check every message and the conversation's shape; errors name the message index."""
+    """Check every message and the conversation's shape; errors name the message index.
+
+    Where mistral-common lets through a prompt the model could not use well, this is stricter:
+    every tool call must get its result before the conversation moves on (OpenAI's rule too), and
+    the last message must be a user or tool message, never a system one.
+    """
     if not isinstance(messages, list):
         raise RequestError(f"messages must be a list, got {type(messages).__name__}", param="messages")
     if not messages:
@@ -188,7 +200,9 @@ def _read_messages(messages: Any, continue_final_message: bool) -> list[_Message
             parts = _text_parts(content, f"{where}.content", allow_none=True) or []
             msg = _Message(i, role, parts, tool_calls=_read_tool_calls(m.get("tool_calls"), f"{where}.tool_calls"))
             if msg.text and msg.tool_calls:
-                raise RequestError(f"{where}: an assistant message has either content or tool_calls, not both", param=where)
+                raise RequestError(
+                    f"{where}: an assistant message has either content or tool_calls, not both", param=where
+                )
             if not msg.text and not msg.tool_calls:
                 raise RequestError(f"{where}: an assistant message needs non-empty content or tool_calls", param=where)
         else:
@@ -236,7 +250,9 @@ def _read_messages(messages: Any, continue_final_message: bool) -> list[_Message
         if msg is not None and msg.role == "tool":
             where = f"messages[{msg.index}].tool_call_id"
             if msg.call_id not in open_calls:
-                raise RequestError(f"{where}: no tool call with id {msg.call_id!r} precedes this tool message", param=where)
+                raise RequestError(
+                    f"{where}: no tool call with id {msg.call_id!r} precedes this tool message", param=where
+                )
             if open_calls[msg.call_id]:
                 raise RequestError(f"{where}: tool call {msg.call_id!r} is already answered", param=where)
             open_calls[msg.call_id] = True
@@ -292,7 +308,11 @@ def _system_prompt(read: list[_Message]) -> str:
 
 
 def read_tools(tools: Any) -> list[dict]:
-    """Check an OpenAI `tools` list; return it as the prompt writes it: {type, function: {name, description, parameters}}."""
+    """Check an OpenAI `tools` list; return the tools as the prompt writes them.
+
+    That is {"type": "function", "function": {"name", "description", "parameters"}} in this order,
+    with description "" and parameters {} when absent, and nothing else ("strict" is dropped).
+    """
     if tools is None:
         return []
     if not isinstance(tools, list):
@@ -303,7 +323,9 @@ def read_tools(tools: Any) -> list[dict]:
         if not isinstance(tool, dict):
             raise RequestError(f"{where}: a tool must be an object", param=where)
         if tool.get("type", "function") != "function":
-            raise RequestError(f"{where}.type: only 'function' tools exist, got {tool.get('type')!r}", param=f"{where}.type")
+            raise RequestError(
+                f"{where}.type: only 'function' tools exist, got {tool.get('type')!r}", param=f"{where}.type"
+            )
         function = tool.get("function")
         if not isinstance(function, dict):
             raise RequestError(f"{where}.function: an object with a 'name' is required", param=f"{where}.function")
@@ -329,8 +351,8 @@ def read_tools(tools: Any) -> list[dict]:
                 f"{where}.function.parameters must be a JSON schema object, got {type(parameters).__name__}",
                 param=f"{where}.function.parameters",
             )
-        # Only these three fields reach the prompt (not "strict" or anything else), in this order.
-        out.append({"type": "function", "function": {"name": name, "description": description, "parameters": parameters}})
+        function = {"name": name, "description": description, "parameters": parameters}
+        out.append({"type": "function", "function": function})
     return out
 
 

@@ -13,6 +13,7 @@ first visible piece is dropped (it is the "dummy prefix" space the encoder added
 
 from __future__ import annotations
 
+import operator
 import os
 from pathlib import Path
 
@@ -114,9 +115,7 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> text, exactly as SentencePiece decodes them (control tokens give nothing)."""
-        ids = list(ids)
-        self._check_ids(ids)
-        return self._sp.decode(ids)
+        return self._sp.decode(self._as_ids(ids))
 
     def is_control(self, token_id: int) -> bool:
         return token_id in self._control
@@ -125,18 +124,25 @@ class Tokenizer:
         return token_id in self.byte_value
 
     def id_to_piece(self, token_id: int) -> str:
-        self._check_ids([token_id])
-        return self._sp.id_to_piece(token_id)
+        return self._sp.id_to_piece(self._as_ids([token_id])[0])
 
     def piece_to_id(self, piece: str) -> int | None:
         """The id of a piece, or None if the vocabulary has no such piece."""
         token_id = self._sp.piece_to_id(piece)
         return token_id if self._sp.id_to_piece(token_id) == piece else None
 
-    def _check_ids(self, ids: list[int]) -> None:
+    def _as_ids(self, ids) -> list[int]:
+        """Plain ints (numpy and torch integers accepted), each checked to be in the vocabulary."""
+        out = []
         for i in ids:
-            if not (isinstance(i, int) and 0 <= i < self.vocab_size):
-                raise ValueError(f"token id {i!r} is outside the vocabulary [0, {self.vocab_size})")
+            try:
+                i = operator.index(i)
+            except TypeError:
+                raise ValueError(f"token ids must be integers, got {i!r}") from None
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+            out.append(i)
+        return out
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -181,8 +187,10 @@ class StreamingDetokenizer:
     few bytes of an unfinished UTF-8 character wait for the bytes that complete them.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
-        if isinstance(stop, str):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] | None = ()):
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
             stop = [stop]
         for i, s in enumerate(stop):
             if not isinstance(s, str) or s == "":
@@ -200,7 +208,7 @@ class StreamingDetokenizer:
         if self.stopped:
             return ""
         tok = self.tokenizer
-        tok._check_ids([token_id])
+        (token_id,) = tok._as_ids([token_id])
         ids = [*self._pending, token_id]
         # An unfinished character can only be at the end of a run of byte pieces; any other piece
         # ends the run, and SentencePiece turns what is unfinished into U+FFFD right there.
@@ -221,8 +229,8 @@ class StreamingDetokenizer:
             return ""
         if self._at_start:
             self._at_start = all(self.tokenizer.is_control(i) for i in ids)
-            return self.tokenizer._sp.decode(ids)
-        return self.tokenizer._sp.decode([self._anchor_id, *ids])[len(self._anchor_text) :]
+            return self.tokenizer.decode(ids)
+        return self.tokenizer.decode([self._anchor_id, *ids])[len(self._anchor_text) :]
 
     def _filter_stops(self, delta: str, final: bool) -> str:
         if not self.stop:
@@ -252,12 +260,12 @@ class StreamingDetokenizer:
 
 
 def _find_anchor(tokenizer: Tokenizer) -> tuple[int, str]:
-    """An ordinary piece without a leading `▁`, and its text, to decode mid-stream windows behind."""
-    anchor = tokenizer.piece_to_id("a")
-    if anchor is None or tokenizer.is_control(anchor) or tokenizer.is_byte(anchor):
-        sp = tokenizer._sp
-        anchor = next(
-            i for i in range(tokenizer.vocab_size)
-            if sp.IsNormal(i) and not sp.id_to_piece(i).startswith("▁")
-        )
-    return anchor, tokenizer._sp.decode([anchor])
+    """An ordinary piece that decodes to itself without a leading space ("a"), and its text."""
+    candidates = [tokenizer.piece_to_id("a"), *range(tokenizer.vocab_size)]
+    for i in candidates:
+        if i is None or tokenizer.is_control(i) or tokenizer.is_byte(i):
+            continue
+        piece = tokenizer.id_to_piece(i)
+        if not piece.startswith("▁") and tokenizer.decode([i]) == piece:  # <unk> decodes to " ⁇ "
+            return i, piece
+    raise TokenizerError(f"{tokenizer.path}: no ordinary piece without a leading ▁")

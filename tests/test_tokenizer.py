@@ -245,3 +245,13 @@ def test_stop_strings_on_random_tokens(ids, stops):
     deltas, d = stream(ids, stop=stops)
     expected, stopped = cut_at_first_stop(REF.decode(ids), stops)
     assert "".join(deltas) == expected and d.stopped == stopped
+
+
+def test_integer_types_from_torch_are_accepted():
+    torch = pytest.importorskip("torch")
+    ids = TOK.encode("tensor ids 🧬")
+    assert TOK.decode(torch.tensor(ids)) == REF.decode(ids)
+    d = StreamingDetokenizer(TOK, stop=None)
+    assert "".join(d.push(i) for i in torch.tensor(ids)) + d.finish() == REF.decode(ids)
+    with pytest.raises(ValueError, match="integers"):
+        TOK.decode([1.5])
