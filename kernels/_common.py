@@ -80,8 +80,9 @@ def num_warps(block: int) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """How tl.dot multiplies fp32 operands.
 
-    16-bit inputs converted to fp32 fit tf32 exactly (8 and 10 mantissa bits against tf32's 10), so
-    tf32 tensor cores lose nothing on Q·Kᵀ; fp32 inputs keep full fp32 products ("ieee").
+    bf16 and fp16 values converted to fp32 are exact in tf32 (7 and 10 stored mantissa bits against
+    tf32's 10), so the tf32 tensor cores lose nothing on Q·Kᵀ (the kernels scale the scores after the
+    dot, not q before it, to keep it so); fp32 inputs keep full fp32 products ("ieee").
     """
     return "ieee" if dtype == torch.float32 else "tf32"
 

@@ -33,7 +33,7 @@ from mistral.args import preset  # noqa: E402
 from . import _common, decode_attention, prefill_attention, rmsnorm, rope, swiglu  # noqa: E402
 
 MODULES = (rmsnorm, rope, swiglu, decode_attention, prefill_attention)
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block
+SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block
 
 
 class _CompileOnlyDriver:

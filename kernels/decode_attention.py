@@ -64,7 +64,7 @@ def _decode_kernel(
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
     q = tl.load(q_ptr + b * q_sb + heads[:, None] * q_sh + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * qk_scale  # [BLOCK_G, BLOCK_D]
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
     k_base = k_ptr + b * k_sb + kv_head * k_sh
     v_base = v_ptr + b * v_sb + kv_head * v_sh
 
@@ -76,7 +76,7 @@ def _decode_kernel(
         n_mask = (n < hi) & (n >= first)
         kt = tl.load(k_base + n[None, :] * k_sl + d[:, None],
                      mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, kt, input_precision=PRECISION)  # [BLOCK_G, BLOCK_N]
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with nothing visible adds nothing

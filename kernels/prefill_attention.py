@@ -53,7 +53,7 @@ def _prefill_kernel(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     q = tl.load(q_ptr + b * q_sb + t[:, None] * q_st + h * q_sh + d[None, :],
-                mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * qk_scale  # [BLOCK_M, BLOCK_D]
+                mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_D]
 
     # Key tiles this query tile can see: [lo, hi).
     hi = tl.minimum(start + tl.minimum(m_block * BLOCK_M + BLOCK_M, T), L)  # last query's position + 1
@@ -72,7 +72,7 @@ def _prefill_kernel(
         n_mask = n < hi
         kt = tl.load(k_base + n[None, :] * k_sl + d[:, None],
                      mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, kt, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         # Masking every tile, not only the diagonal ones, costs a few ALU ops per score in a kernel
         # whose loop is bound by the two dots; it keeps one simple loop.
         visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])

@@ -275,6 +275,16 @@ def test_import_kernels_does_not_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_kernels_compile_for_h100():
+    """The interpreter never runs triton's GPU compiler: compile every kernel for sm_90 (H100) at
+    Mistral-7B shapes, through ptxas, on this machine (see kernels/compile_check.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    res = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--dtypes", "bfloat16"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "_decode_kernel" in res.stdout and "_prefill_kernel" in res.stdout and "_merge_kernel" in res.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole model on the Triton kernels, against the PyTorch ops and against transformers
 # ---------------------------------------------------------------------------------------------
