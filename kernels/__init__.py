@@ -7,6 +7,8 @@
     decode_attention.py   one new token per row: GQA-packed, split-KV, per-row lengths
     prefill_attention.py  many new tokens per row: causal, GQA, flash-style, optional sliding window
 
+    compile_check.py      compiles all of them for a GPU architecture on a machine without a GPU
+
 `TRITON_OPS` puts them in the model's `Ops` table (mistral/model.py, whose `TORCH_OPS` is the plain
 PyTorch reference every kernel matches). It is built on first use, so `import kernels` works without
 triton installed. On a machine without a CUDA GPU the kernels run on CPU tensors under Triton's

@@ -5,14 +5,16 @@ Two facts shape all the kernels in this package:
 * They must also run under Triton's interpreter (`TRITON_INTERPRET=1`, set before `triton` is first
   imported) on CPU tensors, where bf16 arithmetic is done on the raw bits and is wrong. So every
   kernel converts what it loads to fp32 at once, computes in fp32 (each `tl.dot` too) and converts
-  only when it stores. On a GPU this costs nothing that matters: the kernels are memory-bound, and
-  fp32 `tl.dot` runs on the tensor cores as tf32 (see `dot_precision`).
-* `tl.dot` needs every dimension >= 16 on the GPU (the interpreter accepts less), so tiles that feed
-  a dot are padded up to 16.
+  only when it stores. On a GPU this costs little: every kernel but prefill attention is bound by
+  memory, and fp32 `tl.dot` runs on the tensor cores as tf32 (see `dot_precision`), at half the
+  bf16 rate; that is the price prefill attention pays for one code path on GPU and interpreter.
+* `tl.dot` needs every dimension >= 16 on the GPU in older triton releases (3.6 and 3.9 pad smaller
+  M and N themselves; the interpreter accepts anything), so tiles that feed a dot are padded to 16.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,7 +23,7 @@ import triton
 # Read when the kernels are decorated, which is when triton decides too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-MIN_DOT = 16  # the smallest M, N or K that tl.dot accepts on NVIDIA GPUs
+MIN_DOT = 16  # the smallest M, N and K that every triton release's tl.dot accepts on NVIDIA GPUs
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
@@ -87,6 +89,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=None)  # asked on every decode step
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
