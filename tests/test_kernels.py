@@ -138,7 +138,7 @@ def test_apply_rotary_emb_to_cache(dtype):
     q = apply_rotary_emb_to_cache(xq, xk, xv, cos, sin, cache_k, cache_v, input_pos, out_q=poisoned(xq.shape, dtype))
     assert_close(q, rotate_complex(xq, angles), dtype)
     k_rot = rotate_complex(xk, angles)
-    written = torch.zeros(3, S, dtype=torch.bool)
+    written = torch.zeros(3, S, dtype=torch.bool, device=DEVICE)
     for b in range(B):
         p = int(input_pos[b])
         assert_close(cache_k[b, :, p : p + T], k_rot[b].transpose(0, 1), dtype)
