@@ -72,6 +72,7 @@ class Mistral:
         model_name: str | None = None,
         format: str | None = None,
         fixed_batch_shape: bool = False,
+        max_waiting: int = 256,
         token: str | None = None,
         revision: str | None = None,
         quiet: bool = False,
@@ -94,7 +95,7 @@ class Mistral:
         tokenizer = Tokenizer.from_path(folder)
         name = model_name or (str(path_or_repo_id) if not Path(path_or_repo_id).exists() else Path(folder).name)
         return cls(model, tokenizer, model_name=name, max_batch=max_batch, max_seq_len=max_seq_len,
-                   fixed_batch_shape=fixed_batch_shape)
+                   fixed_batch_shape=fixed_batch_shape, max_waiting=max_waiting)
 
     # --- the background engine thread (the server's mode) --------------------------------------------
 
@@ -365,6 +366,7 @@ class _Job:
                 return
             if self.tools_enabled and ev.token == tok.tool_calls_id:
                 c.tool_ids = [ev.token]
+                yield from self._content(c, c.detok.finish())  # text held back before the call is content
                 return
             text = c.detok.push(ev.token)
             if c.detok.stopped:
