@@ -409,6 +409,71 @@ def cmd_download(a) -> None:
     print(f"downloaded {a.repo_id} ({a.format}) to {folder}")
 
 
+# --- serve (issue 5) -----------------------------------------------------------------------------
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models")
+    p.add_argument("weights", help="a weights folder or a Hub repo id")
+    p.add_argument("--host", default="127.0.0.1", help="default loopback only; 0.0.0.0 listens on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $MISTRAL_API_KEY; no key if that is unset)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients ask for (default: the folder's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together: KV-cache rows (default 8)")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="context length of each row (default 8192)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a row; more get 429 (default 256)")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default bfloat16 on CUDA, the checkpoint's own on CPU")
+    p.add_argument("--kernels", default="auto", choices=["torch", "triton", "auto"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's, one per core)")
+    p.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(a) -> None:
+    import os
+
+    import uvicorn
+
+    from .generate import Mistral
+    from .server import create_app
+
+    for flag in ("port", "max_batch", "max_seq_len", "max_queue", "threads"):
+        value = getattr(a, flag)
+        if value is not None and value < (0 if flag == "port" else 1):
+            raise MistralError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    api_key = a.api_key if a.api_key is not None else os.environ.get("MISTRAL_API_KEY") or None
+    url = f"http://{a.host}:{a.port}/v1"
+
+    def load() -> Mistral:
+        # A fixed decode shape (all rows, the whole cache) makes each request's greedy output
+        # independent of the others in the batch.
+        llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, max_batch=a.max_batch,
+                                      max_seq_len=a.max_seq_len, model_name=a.served_model_name,
+                                      fixed_batch_shape=True, max_waiting=a.max_queue)
+        print(f"mistral serve: {llm.model_name} is ready at {url}", file=sys.stderr, flush=True)
+        return llm
+
+    failed: list[BaseException] = []
+
+    def stop_on_load_error(e: BaseException) -> None:
+        failed.append(e)
+        server.should_exit = True
+
+    app = create_app(load, api_key=api_key, served_model_name=a.served_model_name, on_load_error=stop_on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info" if a.verbose else "warning"))
+    print(f"mistral serve: loading {a.weights}; listening on {url} (GET /health is 503 until the model is ready)",
+          file=sys.stderr, flush=True)
+    server.run()
+    if failed:
+        raise MistralError(f"loading {a.weights} failed: {failed[0]}")
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -417,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_make_random, add_logits, add_tokenize, add_describe, add_inspect,
-                add_generate, add_chat, add_demo, add_download):
+                add_generate, add_chat, add_demo, add_download, add_serve):
         add(sub)
     return parser
 

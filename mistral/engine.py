@@ -138,6 +138,7 @@ class Engine:
         self.free_rows = list(range(R))
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cancelled: set[int] = set()
+        self.steps = 0  # decode steps run: the server's debug view measures cancellation in steps
         self._cv = threading.Condition()
         self._seed_source = torch.Generator().manual_seed(torch.initial_seed() & 0xFFFFFFFF)
 
@@ -169,6 +170,7 @@ class Engine:
             "waiting": len(self.waiting),
             "free_rows": len(self.free_rows),
             "rows": sorted(self.running),
+            "steps": self.steps,
         }
 
     def serve_forever(self, stop: threading.Event) -> None:
@@ -231,6 +233,7 @@ class Engine:
         self._advance([seq], row, row + 1, logits, next_tokens)
 
     def _decode(self) -> None:
+        self.steps += 1
         rows = sorted(self.running)
         hi = self.max_batch if self.fixed_batch_shape else rows[-1] + 1
         length = self.max_seq_len if self.fixed_batch_shape else _bucket(max(s.length for s in self.running.values()) + 1, self.max_seq_len)

@@ -1,0 +1,499 @@
+"""The OpenAI-compatible HTTP API: chat and text completions over the batching engine.
+
+    app = create_app(lambda: Mistral.from_pretrained(path, fixed_batch_shape=True), api_key="sk-...")
+    uvicorn.run(app, host="127.0.0.1", port=8000)       # or: mistral serve WEIGHTS
+
+Routes, under both `/v1` and `/v3/openai` (the provider page's base URL path):
+
+    POST /chat/completions     POST /completions     GET /models     GET /models/{name}
+    GET  /debug/engine         (rows running, waiting and free: to watch batching and cancellation)
+
+and `GET /health` at the root, without a key: 503 while the model loads, then 200.
+
+This layer is thin, as vLLM's is: it checks the key, reads the JSON body against the schemas below,
+hands the parameters to `Mistral.acreate_chat_completion` / `acreate_completion` (which validate
+their values and return OpenAI-shaped dicts), and frames chunks as server-sent events. It knows
+nothing of tensors. Every failure leaves as OpenAI's error body,
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+
+with 400 for anything wrong in a request, 401 for the key, 404 for an unknown model or route, 413
+for an oversized body, 429 when the engine's queue is full and 503 while loading. A 500 means a
+fault of ours; its body never carries a traceback (the log does).
+
+A client that goes away is noticed by a task that waits for `http.disconnect`; the generation is
+then cancelled, and the engine frees its cache row at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+import types
+import typing
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import RequestError
+
+if TYPE_CHECKING:
+    from .generate import Mistral
+
+log = logging.getLogger("mistral.server")
+
+MAX_BODY_BYTES = 4 * 2**20  # a 32k-token conversation is ~150 KB of text; tool schemas add a little
+OWNED_BY = "mistral-from-scratch"
+
+
+# --- request schemas ---------------------------------------------------------------------------------
+#
+# Declared once, for types and names only: `extra="forbid"` turns an unknown field into a 400 as
+# OpenAI does, `strict=True` refuses "5" for an integer or 1 for a boolean. Values (ranges, stop
+# strings, logit_bias ids, the messages and tools themselves) are checked by generate.py and
+# prompt.py, which name the offending field; they are not checked twice.
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Schema):
+    include_usage: bool | None = None
+
+
+class _GenerationRequest(_Schema):
+    """The fields both endpoints share: OpenAI's, then vLLM's extensions."""
+
+    model: str
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[dict[str, Any]]  # checked message by message in prompt.py
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def params(self) -> dict:
+        """The keyword arguments of `Mistral.acreate_chat_completion`; null means "the default"."""
+        return self.model_dump(exclude_none=True, exclude={"model", "messages"})
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str
+    logprobs: int | None = None  # the legacy API's: how many alternatives to list per token
+
+    def params(self) -> dict:
+        params = self.model_dump(exclude_none=True, exclude={"model", "prompt"})
+        params.setdefault("max_tokens", 16)  # the legacy endpoint's default, as OpenAI and vLLM have it
+        if "logprobs" in params:
+            params["top_logprobs"] = params["logprobs"]
+            params["logprobs"] = True
+        return params
+
+
+# OpenAI parameters this server knows but does not implement: named as such rather than "unrecognized".
+NOT_SUPPORTED = frozenset({
+    "audio", "best_of", "echo", "function_call", "functions", "metadata", "modalities", "parallel_tool_calls",
+    "prediction", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier",
+    "service_tier", "store", "suffix", "verbosity", "web_search_options",
+})
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 429: "requests",
+                500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def _from_request_error(e: RequestError) -> APIError:
+    if e.code == "queue_full":
+        return APIError(429, e.message, e.param, e.code)
+    return APIError(400, e.message, e.param, e.code)
+
+
+def _from_validation_error(e: ValidationError, schema: type[BaseModel], data: Any) -> APIError:
+    err = e.errors(include_url=False)[0]
+    if not err["loc"]:
+        return APIError(400, f"the request body must be a JSON object, got {_json_type(data)}")
+    param, expected, value = _locate(schema, data, err["loc"])
+    if err["type"] == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    if err["type"] == "extra_forbidden":
+        if param in NOT_SUPPORTED:
+            return APIError(400, f"'{param}' is not supported by this server.", param, "unsupported_parameter")
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
+    return APIError(400, f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)}.",
+                    param, "invalid_type")
+
+
+def _locate(schema: type[BaseModel], data: Any, loc: tuple) -> tuple[str, str, Any]:
+    """Follow pydantic's error location through the schema and the body: the field's name as OpenAI
+    writes it (`messages[2]`, `stream_options.include_usage`), the type it wants, the value it got.
+
+    The walk stops at the first step that is neither a list index nor a field of a nested schema:
+    pydantic puts union members' labels ("list[str]") and dict keys in the path too.
+    """
+    field = schema.model_fields.get(loc[0])
+    param, value = str(loc[0]), data.get(loc[0]) if isinstance(data, dict) else None
+    annotation = field.annotation if field is not None else None
+    for part in loc[1:]:
+        members = _members(annotation)
+        items = [typing.get_args(m)[0] for m in members if typing.get_origin(m) is list]
+        models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if isinstance(part, int) and items and isinstance(value, list):
+            param, annotation, value = f"{param}[{part}]", items[0], value[part]
+        elif isinstance(part, str) and models and isinstance(value, dict):  # a field, or a key it doesn't know
+            field = models[0].model_fields.get(part)
+            param, annotation, value = f"{param}.{part}", field.annotation if field else None, value.get(part)
+        else:
+            break
+    return param, _describe(annotation), value
+
+
+def _members(annotation: Any) -> list:
+    """The types of a union, None left out (an optional field takes null)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for m in typing.get_args(annotation) if m is not type(None)]
+    return [annotation]
+
+
+def _describe(annotation: Any, plural: bool = False) -> str:
+    """A type in the words of JSON: `str | list[str]` -> "a string or an array of strings"."""
+    names = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+             bool: ("a boolean", "booleans")}
+    words = []
+    for m in _members(annotation):
+        if m in names:
+            words.append(names[m][plural])
+        elif typing.get_origin(m) is list:
+            words.append(("arrays of " if plural else "an array of ") + _describe(typing.get_args(m)[0], plural=True))
+        elif typing.get_origin(m) is dict and typing.get_args(m)[1] is not Any:
+            words.append(("objects of " if plural else "an object of ") + _describe(typing.get_args(m)[1], plural=True))
+        else:  # dict[str, Any], a nested schema
+            words.append("objects" if plural else "an object")
+    return " or ".join(words)
+
+
+def _json_type(value: Any) -> str:
+    names = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+# --- the model behind the API ----------------------------------------------------------------------------
+
+
+class _Backend:
+    """The loaded model once ready; until then the reason the API can't answer (loading, or failed)."""
+
+    def __init__(self, llm_or_loader: "Mistral | Callable[[], Mistral]", served_model_name: str | None,
+                 on_load_error: Callable[[BaseException], None] | None):
+        self._source = llm_or_loader
+        self._served_name = served_model_name
+        self._on_load_error = on_load_error
+        self._closed = False
+        self.llm: Mistral | None = None
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.open_streams = 0
+
+    def open(self) -> None:
+        if callable(self._source):
+            threading.Thread(target=self._load, name="mistral-loader", daemon=True).start()
+        else:
+            self._ready(self._source)
+
+    def _load(self) -> None:
+        try:
+            llm = self._source()
+        except BaseException as e:  # noqa: BLE001 - reported to /health and to the caller's hook
+            log.error("loading the model failed: %s", e)
+            self.error = f"the model failed to load: {e}"
+            if self._on_load_error is not None:
+                self._on_load_error(e)
+            return
+        if not self._closed:
+            self._ready(llm)
+
+    def _ready(self, llm: "Mistral") -> None:
+        if self._served_name:
+            llm.model_name = self._served_name  # every object the model answers with carries this name
+        llm.start()  # the engine thread: one owner of the model, serving every request
+        self.llm = llm
+        log.info("serving %s", llm.model_name)
+
+    def close(self) -> None:
+        self._closed = True
+        if self.llm is not None:
+            self.llm.stop()
+
+    def not_ready(self) -> APIError:
+        return APIError(503, self.error or "the model is loading; try again shortly", code="model_not_ready")
+
+    def get(self) -> "Mistral":
+        if self.llm is None:
+            raise self.not_ready()
+        return self.llm
+
+    def served(self, name: str) -> "Mistral":
+        llm = self.get()
+        if name != llm.model_name:
+            raise APIError(404, f"The model `{name}` does not exist or you do not have access to it.", "model",
+                           "model_not_found")
+        return llm
+
+
+# --- the app -------------------------------------------------------------------------------------------
+
+
+def create_app(
+    llm_or_loader: "Mistral | Callable[[], Mistral]",
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The ASGI app. Give it a loaded `Mistral`, or a function that loads one (run on a background
+    thread at startup, so that /health can answer 503 meanwhile). The app starts the model's engine
+    thread once it is ready and stops it at shutdown.
+
+    api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
+    served_model_name: the name clients must ask for (default: the model's own `model_name`).
+    on_load_error: called with the exception if the loader fails (the CLI stops the server).
+    """
+    backend = _Backend(llm_or_loader, served_model_name, on_load_error)
+    key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        backend.open()
+        yield
+        backend.close()
+
+    def check_key(request: Request) -> None:
+        if key_digest is None:
+            return
+        header = request.headers.get("authorization")
+        if not header:
+            raise APIError(401, "You didn't provide an API key. You need to provide your API key in an "
+                                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+        scheme, _, token = header.partition(" ")
+        # Compare digests: constant time, and the key's length doesn't leak either.
+        given = hashlib.sha256(token.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, key_digest):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    async def read_body(request: Request, schema: type[BaseModel]) -> Any:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise APIError(413, f"the request body has {int(declared)} bytes; the limit is {max_body_bytes}",
+                           code="request_too_large")
+        body = bytearray()
+        async for piece in request.stream():  # a chunked body has no length up front: count as it comes
+            body += piece
+            if len(body) > max_body_bytes:
+                raise APIError(413, f"the request body is over the limit of {max_body_bytes} bytes",
+                               code="request_too_large")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise APIError(400, "We could not parse the JSON body of your request. The body must be a JSON "
+                                "object (the Content-Type header should be application/json).",
+                           code="invalid_json") from None
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            raise _from_validation_error(e, schema, data) from None
+
+    api = APIRouter(dependencies=[Depends(check_key)])
+
+    @api.get("/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [_model_card(backend.get().model_name, backend.created)]}
+
+    @api.get("/models/{name:path}")
+    async def retrieve_model(name: str) -> dict:
+        return _model_card(backend.served(name).model_name, backend.created)
+
+    @api.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        backend.get()  # 503 while loading, before reading the body
+        req: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
+        llm = backend.served(req.model)
+        return await _answer(request, bool(req.stream), llm.acreate_chat_completion(req.messages, **req.params()), backend)
+
+    @api.post("/completions")
+    async def completions(request: Request) -> Response:
+        backend.get()
+        req: CompletionRequest = await read_body(request, CompletionRequest)
+        llm = backend.served(req.model)
+        return await _answer(request, bool(req.stream), llm.acreate_completion(req.prompt, **req.params()), backend)
+
+    @api.get("/debug/engine")
+    async def engine_state() -> dict:
+        return {**backend.get().engine.stats(), "open_streams": backend.open_streams}
+
+    app = FastAPI(title="Mistral-7B-Instruct-v0.3 (OpenAI-compatible)", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)  # the API is OpenAI's; its docs are theirs
+    for prefix in ("/v1", "/v3/openai"):
+        app.include_router(api, prefix=prefix)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if backend.llm is None:
+            return backend.not_ready().response()
+        return JSONResponse({"status": "ok", "model": backend.llm.model_name})
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, e: APIError) -> Response:
+        return e.response()
+
+    @app.exception_handler(_ClientGone)
+    async def on_client_gone(request: Request, e: _ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request", for the log
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> Response:
+        if e.status_code == 404:
+            return APIError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url").response()
+        if e.status_code == 405:
+            return APIError(405, f"Method {request.method} is not allowed on {request.url.path}.",
+                            code="method_not_allowed").response()
+        return APIError(e.status_code, str(e.detail)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, e: RequestValidationError) -> Response:
+        return APIError(400, "invalid request: " + "; ".join(str(err.get("msg")) for err in e.errors())).response()
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return APIError(500, "The server had an error while processing your request.").response()
+
+    app.state.backend = backend
+    return app
+
+
+def _model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
+
+
+# --- answering -----------------------------------------------------------------------------------------
+
+
+async def _answer(request: Request, stream: bool, call: Awaitable, backend: _Backend) -> Response:
+    """Run a generation call; a JSON answer, or an SSE stream once the first chunk is out."""
+    if not stream:
+        return JSONResponse(await _unless_disconnected(request, _calling(call)))
+    chunks: AsyncIterator[dict] = await _calling(call)  # the parameters are checked here, before any chunk
+    # The first chunk submits the request to the engine: a full queue is still a plain 429 answer.
+    first = await _unless_disconnected(request, _calling(anext(chunks, None)))
+    return StreamingResponse(_events(first, chunks, backend), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _calling(call: Awaitable) -> Any:
+    try:
+        return await call
+    except RequestError as e:
+        raise _from_request_error(e) from None
+    except RecursionError:  # a request nested deeper than Python's stack (tools' JSON schemas)
+        raise APIError(400, "the request is nested too deeply") from None
+
+
+async def _unless_disconnected(request: Request, call: Awaitable) -> Any:
+    """Await `call`, cancelling it if the client disconnects first (which frees its engine rows)."""
+    work = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()  # the generator's `finally` cancels the request in the engine
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        raise _ClientGone()
+    return work.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _events(first: dict | None, chunks: AsyncIterator[dict], backend: _Backend) -> AsyncIterator[str]:
+    """Server-sent events: `data: {chunk}` per chunk, then `data: [DONE]`.
+
+    If the client goes away, Starlette cancels this generator's task (or drops the generator): the
+    CancelledError or GeneratorExit runs the `finally` of `chunks`, which cancels the request.
+    """
+    backend.open_streams += 1
+    try:
+        if first is not None:
+            yield _sse(first)
+        async for chunk in chunks:
+            yield _sse(chunk)
+    except Exception:  # the engine failed after the 200 went out: say so in the stream, as OpenAI does
+        log.exception("generation failed mid-stream")
+        yield _sse(APIError(500, "The server had an error while processing your request.").body())
+    finally:
+        backend.open_streams -= 1
+        await chunks.aclose()
+    yield "data: [DONE]\n\n"
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
