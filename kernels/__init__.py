@@ -24,7 +24,7 @@ def _triton_ops():
     from .decode_attention import decode_attention
     from .prefill_attention import prefill_attention
     from .rmsnorm import add_rms_norm, rms_norm
-    from .rope import apply_rotary_emb
+    from .rope import apply_rotary_emb, apply_rotary_emb_to_cache
     from .swiglu import silu_mul
 
     def attention(xq, keys, values, input_pos, sliding_window, *, out=None):
@@ -32,7 +32,8 @@ def _triton_ops():
         kernel = decode_attention if xq.dim() == 4 and xq.shape[1] == 1 else prefill_attention
         return kernel(xq, keys, values, input_pos, sliding_window, out=out)
 
-    return Ops("triton", rms_norm, add_rms_norm, apply_rotary_emb, attention, silu_mul)
+    return Ops("triton", rms_norm, add_rms_norm, apply_rotary_emb, attention, silu_mul,
+               rotary_emb_to_cache=apply_rotary_emb_to_cache)
 
 
 def __getattr__(name):  # PEP 562: TRITON_OPS (and with it triton) is imported on first use

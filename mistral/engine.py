@@ -20,7 +20,9 @@ bit-identical whatever the other rows hold, so greedy output never depends on th
 keeps. The server uses that.
 
 All state the decode step reads lives on the device (`tokens`, `pos`, sampling settings); the host
-reads back only the sampled tokens, to stream them.
+reads back only the sampled tokens, to stream them. That is also what lets the decode step be
+replayed from a CUDA graph (`cuda_graphs=True`, the default on CUDA with the Triton kernels; see
+cuda_graphs.py); prefill stays eager, since prompt lengths vary.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class Engine:
         eos_id: int = 2,
         fixed_batch_shape: bool = False,
         max_waiting: int = 256,
+        cuda_graphs: bool | None = None,
     ):
         self.model = model
         self.max_batch = max_batch
@@ -133,6 +136,7 @@ class Engine:
         self.logit_bias: torch.Tensor | None = None  # [R, V], allocated when first needed
         self.counts: torch.Tensor | None = None  # [R, V]
         self.in_prompt: torch.Tensor | None = None  # [R, V]
+        self.graphs = self._captured_steps(cuda_graphs)  # None: every decode step runs eagerly
 
         self.running: dict[int, Sequence] = {}  # row -> sequence
         self.free_rows = list(range(R))
@@ -236,15 +240,44 @@ class Engine:
         self.steps += 1
         rows = sorted(self.running)
         hi = self.max_batch if self.fixed_batch_shape else rows[-1] + 1
-        length = self.max_seq_len if self.fixed_batch_shape else _bucket(max(s.length for s in self.running.values()) + 1, self.max_seq_len)
-        cache = self.cache.view(0, hi, length=length)
-        logits = self.model(self.tokens[:hi, None], self.pos[:hi], cache)[:, -1]  # [hi, V]
-        self.pos[:hi] += self.active[:hi]  # the token sampled now goes in at the next position
         seqs = [self.running[r] for r in rows]
+        flags = self._flags(seqs)
+        graphed = self.graphs(hi, (flags, self.logit_bias is not None)) if self.graphs is not None else None
+        if graphed is not None:  # a replayed CUDA graph decoded rows 0..bucket-1 (see _graph_step)
+            logits, next_tokens = graphed[0][:hi], graphed[1][:hi]
+        else:
+            length = self.max_seq_len if self.fixed_batch_shape else _bucket(max(s.length for s in seqs) + 1, self.max_seq_len)
+            cache = self.cache.view(0, hi, length=length)
+            logits = self.model(self.tokens[:hi, None], self.pos[:hi], cache)[:, -1]  # [hi, V]
+            next_tokens = sample(logits, self._sampling(0, hi), flags, self.eos_id)
+        self.pos[:hi] += self.active[:hi]  # the token sampled now goes in at the next position
         for seq in seqs:
             seq.length += 1
-        next_tokens = sample(logits, self._sampling(0, hi), self._flags(seqs), self.eos_id)
         self._advance(seqs, 0, hi, logits, next_tokens)
+
+    # --- CUDA graphs of the decode step (see cuda_graphs.py) -----------------------------------------
+
+    def _captured_steps(self, cuda_graphs: bool | None):
+        """None means: on for a CUDA model on the Triton kernels. Their decode attention reads each
+        row's length on the device, so a graph over the whole cache costs no more than the rows'
+        own lengths; PyTorch's attention would read the whole cache at every step."""
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and self.model.ops.name == "triton"
+        if not cuda_graphs:
+            return None
+        if self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {self.device}")
+        from .cuda_graphs import CapturedSteps
+
+        return CapturedSteps(self._graph_step, self.max_batch)
+
+    def _graph_step(self, batch: int, key: tuple[BatchFlags, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step as captured: rows 0..batch-1 over the whole cache, sampled with the
+        features `key` names (the batch's flags, and whether a logit_bias table exists), since
+        those are host-side choices that the graph fixes. Reads only the engine's persistent tensors."""
+        flags, _ = key
+        logits = self.model(self.tokens[:batch, None], self.pos[:batch], self.cache.view(0, batch))[:, -1]  # [batch, V]
+        return logits, sample(logits, self._sampling(0, batch), flags, self.eos_id)
 
     def _advance(self, seqs: list[Sequence], lo: int, hi: int, logits: torch.Tensor, next_tokens: torch.Tensor) -> None:
         """Record the tokens sampled for rows lo..hi-1 on the device, then hand them out."""

@@ -125,6 +125,10 @@ class Ops:
     apply_rotary_emb: Callable
     attention: Callable
     silu_mul: Callable
+    # Optional: apply_rotary_emb and KVCache.update in one pass, (xq, xk, xv, cos, sin, cache_k,
+    # cache_v, input_pos) -> rotated xq, the keys and values written straight to their cache slots.
+    # A backend without it gets the two steps above.
+    rotary_emb_to_cache: Callable | None = None
 
 
 TORCH_OPS = Ops("torch", rms_norm, add_rms_norm, apply_rotary_emb, attention, silu_mul)
@@ -195,7 +199,11 @@ class KVCache:
         k, v = self.k[layer], self.v[layer]
         k[rows, :, pos] = xk  # advanced indices on dims 0 and 2: the indexed view is [B, T, Hkv, D]
         v[rows, :, pos] = xv
-        return k[:, :, : self.length], v[:, :, : self.length]
+        return self.read(layer)
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values as [B, Hkv, length, D] views."""
+        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +232,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv: torch.Tensor | None = None  # [(H + 2 Hkv) D, dim] once merged (see merge_projections)
         self.ops = TORCH_OPS
 
     def forward(
@@ -235,11 +244,21 @@ class Attention(nn.Module):
         cache: KVCache,
     ) -> torch.Tensor:  # [B, T, dim]
         B, T, _ = x.shape
-        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
-        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        xq, xk = self.ops.apply_rotary_emb(xq, xk, cos, sin)
-        keys, values = cache.update(self.layer_id, input_pos, xk, xv)  # each [B, Hkv, L, D]
+        if self.wqkv is not None:  # one matmul for all three (the weights are views of wqkv's rows)
+            q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            xq, xk, xv = F.linear(x, self.wqkv).split([q, kv, kv], dim=-1)
+        else:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq = xq.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
+        xk = xk.view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        xv = xv.view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        if self.ops.rotary_emb_to_cache is not None:  # rotate and write K, V to the cache in one kernel
+            i = self.layer_id
+            xq = self.ops.rotary_emb_to_cache(xq, xk, xv, cos, sin, cache.k[i], cache.v[i], input_pos)
+            keys, values = cache.read(i)
+        else:
+            xq, xk = self.ops.apply_rotary_emb(xq, xk, cos, sin)
+            keys, values = cache.update(self.layer_id, input_pos, xk, xv)  # each [B, Hkv, L, D]
         out = self.ops.attention(xq, keys, values, input_pos, self.sliding_window)  # [B, T, H, D]
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -250,10 +269,15 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.w13: torch.Tensor | None = None  # [2 hidden_dim, dim] once merged (see merge_projections)
         self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, dim] -> [B, T, dim]
-        return self.w2(self.ops.silu_mul(self.w1(x), self.w3(x)))  # hidden [B, T, hidden_dim]
+        if self.w13 is not None:  # one matmul for both (the weights are views of w13's rows)
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(self.ops.silu_mul(gate, up))  # hidden [B, T, hidden_dim]
 
 
 class TransformerBlock(nn.Module):
@@ -293,6 +317,24 @@ class Transformer(nn.Module):
                 module.ops = self.ops
         return self
 
+    def merge_projections(self) -> "Transformer":
+        """Store each layer's wq|wk|wv, and w1|w3, as one matrix, so that each group is one matmul.
+
+        At batch 1 a matmul is a read of its weights; one read of a [6144, 4096] matrix keeps the
+        GPU busier than three reads of [4096 | 1024 | 1024, 4096] (the small ones are too short to
+        reach full bandwidth), and is one launch instead of three. The parameters keep their names
+        and shapes: each becomes a view of its rows of the merged matrix, so `state_dict()` and the
+        checkpoint names are unchanged, and no memory is added. Call it once the model is on its
+        device and in its dtype: `.to()` would copy the views apart from the merged matrix.
+        """
+        for layer in self.layers:
+            attention, ff = layer.attention, layer.feed_forward
+            if attention.wqkv is None:
+                attention.wqkv = _merge_rows(attention.wq, attention.wk, attention.wv)
+            if ff.w13 is None:
+                ff.w13 = _merge_rows(ff.w1, ff.w3)
+        return self
+
     def init_freqs(self, device=None) -> None:
         """(Re)compute the rotary tables, e.g. after building the model on the meta device."""
         self.freqs_cos, self.freqs_sin = precompute_freqs(
@@ -329,3 +371,14 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _merge_rows(*linears: nn.Linear) -> torch.Tensor:
+    """Concatenate the weights' rows into one new matrix and make each weight a view of its rows."""
+    merged = torch.cat([linear.weight.detach() for linear in linears])  # [sum of out_features, in_features]
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(merged[start : start + rows], requires_grad=False)  # the old copy is freed
+        start += rows
+    return merged
