@@ -5,6 +5,7 @@
     mistral tokenize WEIGHTS_OR_TOKENIZER --request request.json | --text "..."
     mistral describe WEIGHTS_OR_PRESET
     mistral inspect WEIGHTS --prompt "..." --out DIR
+    mistral serve WEIGHTS [--port 8000] [--api-key KEY] [--served-model-name NAME] [--max-batch N]
 
 Errors from bad input end the command with one line on stderr and exit status 2.
 """

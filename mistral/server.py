@@ -257,11 +257,12 @@ class _Backend:
     def _load(self) -> None:
         try:
             llm = self._source()
-        except BaseException as e:  # noqa: BLE001 - reported to /health and to the caller's hook
-            log.error("loading the model failed: %s", e)
+        except Exception as e:  # reported by /health, and by the caller's hook or the log
             self.error = f"the model failed to load: {e}"
             if self._on_load_error is not None:
                 self._on_load_error(e)
+            else:
+                log.error("%s", self.error)
             return
         if not self._closed:
             self._ready(llm)

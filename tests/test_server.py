@@ -560,6 +560,14 @@ def test_still_serving_after_bad_input(client, server):
     wait_idle(server)
 
 
+def test_serve_exits_with_one_line_when_loading_fails(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "mistral.cli", "serve", str(tmp_path), "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and str(tmp_path) in errors[0] and "Traceback" not in run.stderr, run.stderr
+
+
 # --- loading and a full queue: a server in a thread ----------------------------------------------------
 
 
@@ -601,8 +609,9 @@ def test_503_while_loading_then_429_when_the_queue_is_full(library):
                         pass
                 with b.stream("POST", f"{root}{CHAT}", json=body, headers=headers) as waiting:
                     assert waiting.status_code == 200  # queued
-                    r = httpx.post(f"{root}{CHAT}", json={**body, "stream": False}, headers=headers)
-                    check_error(r, 429, None, "queue_full")
+                    for stream in (False, True):
+                        r = httpx.post(f"{root}{CHAT}", json={**body, "stream": stream}, headers=headers)
+                        check_error(r, 429, None, "queue_full")
                     with pytest.raises(openai.RateLimitError):
                         openai.OpenAI(base_url=f"{root}/v1", api_key=KEY, max_retries=0).chat.completions.create(
                             model="small", messages=body["messages"], max_tokens=2)
