@@ -18,7 +18,7 @@ from mistral.errors import RequestError
 from mistral.make_random import make_random, v3_tokenizer_file
 from mistral.prompt import encode_chat
 
-from .scripted import spell, write_scripted
+from scripted import spell, write_scripted
 
 MESSAGES = [
     {"role": "system", "content": "Act like you are a helpful assistant."},
