@@ -475,6 +475,27 @@ def cmd_serve(a) -> None:
         raise MistralError(f"loading {a.weights} failed: {failed[0]}")
 
 
+# --- bench (issue 7) -----------------------------------------------------------------------------
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="generation speed on random full-size weights: bandwidth floor, ours, transformers")
+    p.add_argument("--preset", default=None, help="7b-v0.3 (the default on CUDA), small (the default on CPU) or 0.5b")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="16 decode steps per figure instead of 128, fewer repeats")
+    p.add_argument("--steps", type=int, default=None, help="decode steps per figure")
+    p.add_argument("--no-compile", action="store_true", help="skip transformers + torch.compile")
+    p.add_argument("--compile-budget", type=int, default=240, help="seconds allowed for transformers' compile (default 240)")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    p.set_defaults(run=cmd_bench)
+
+
+def cmd_bench(a) -> None:
+    from .bench import main as bench_main
+
+    bench_main(a)
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -483,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_make_random, add_logits, add_tokenize, add_describe, add_inspect,
-                add_generate, add_chat, add_demo, add_download, add_serve):
+                add_generate, add_chat, add_demo, add_download, add_serve, add_bench):
         add(sub)
     return parser
 
