@@ -41,7 +41,7 @@ mistral_common = pytest.importorskip("mistral_common")
 uvicorn = pytest.importorskip("uvicorn")
 from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
-from openai.types import Completion  # noqa: E402
+from openai.types import Completion, Model  # noqa: E402
 from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
 
 from mistral.args import preset  # noqa: E402
@@ -51,7 +51,7 @@ from mistral.server import create_app  # noqa: E402
 
 MODEL = "mistralai/mistral-7b-instruct"  # the provider page's name
 KEY = "sk-test-0123456789"
-MAX_BATCH, MAX_SEQ_LEN = 16, 160  # a short context: the page's examples run to its end
+MAX_BATCH, MAX_SEQ_LEN = 16, 144  # a short context: the page's examples (no max_tokens, or 512) run to its end
 JS_DIR = Path(__file__).parent / "js"
 REFERENCE_MESSAGES = [
     {"role": "system", "content": "Act like you are a helpful assistant."},
@@ -76,11 +76,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+def wait_healthy(base: str, timeout: float = 60.0, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read()}")
+            raise RuntimeError(f"the server exited: {log.read_text() if log else process.returncode}")
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                 return
@@ -96,19 +96,21 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(weights):
+def server(weights, tmp_path_factory):
     """`mistral serve` in a subprocess; yields its root URL (http://127.0.0.1:PORT)."""
     port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "stderr.txt"  # a file, not a pipe nobody reads
     env = {**os.environ, "MISTRAL_API_KEY": KEY}
     # One CPU thread for the model: the test's clients and the server's HTTP loop share the cores, and
     # OpenMP workers that wait for a busy core make every step many times slower.
     cmd = [sys.executable, "-m", "mistral.cli", "serve", str(weights), "--port", str(port),
            "--served-model-name", MODEL, "--max-batch", str(MAX_BATCH), "--max-seq-len", str(MAX_SEQ_LEN),
            "--device", "cpu", "--kernels", "torch", "--threads", "1"]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     root = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(root, process=process)
+        wait_healthy(root, process=process, log=log)
         yield root
     finally:
         process.terminate()
@@ -196,7 +198,7 @@ def test_health_and_models(server, client):
     r = httpx.get(f"{server}/health")  # no key needed
     assert r.status_code == 200 and r.json()["status"] == "ok"
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [Model.model_validate(m.to_dict()).id for m in models.data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
@@ -351,7 +353,7 @@ def concurrent_requests() -> list[dict]:
     requests = []
     for i in range(16):
         req = {"messages": [{"role": "user", "content": f"Item {i}: " + "tell me more " * i}],
-               "max_tokens": 6 + 2 * i, "temperature": 0, "logprobs": True}
+               "max_tokens": 4 + i, "temperature": 0, "logprobs": True}
         if i % 4 == 3:  # sampled rows, seeded, in the same batch as greedy ones
             req.update(temperature=0.9, top_p=0.95, seed=1000 + i)
         if i % 2:
@@ -402,7 +404,7 @@ def test_concurrent_streams_get_exactly_their_own_tokens(server, base, client):
         assert b == a, f"request {i} got other tokens in a batch than alone"
 
 
-def test_disconnect_frees_the_rows_within_a_step_or_two(server, base):
+def test_a_disconnect_frees_the_row_within_a_few_steps(server, base):
     wait_idle(server)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to a thousand."}],
             "max_tokens": MAX_SEQ_LEN, "ignore_eos": True, "stream": True}  # ~140 tokens: the rest of the context
@@ -415,8 +417,10 @@ def test_disconnect_frees_the_rows_within_a_step_or_two(server, base):
         before = engine_state(server)
         assert before["running"] == 1
     wait_idle(server)
-    # The engine stops stepping once idle, so `steps` counts every step the abandoned row took part in.
-    assert engine_state(server)["steps"] - before["steps"] <= 3
+    # The engine stops stepping once idle, so `steps` counts every step the abandoned row took part in
+    # (of the ~135 it had left): the one under way when the client left, and perhaps the next.
+    after = engine_state(server)
+    assert after["steps"] - before["steps"] <= 3 and after["open_streams"] == 0
 
     # The same for an answer that isn't streamed: the client leaves while it is being generated.
     payload = json.dumps({**body, "stream": False}).encode()
@@ -548,7 +552,8 @@ def test_no_request_gets_a_500(server, path, changes, messages):
     body.update(changes)
     if isinstance(body.get("max_tokens"), int):
         body["max_tokens"] = min(body["max_tokens"], 2)  # keep the valid ones short
-    r = httpx.post(server + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    content = json.dumps(body)  # NaN and Infinity go out as Python writes them, which json.loads reads back
+    r = httpx.post(server + path, content=content, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code < 500, r.text
     if r.status_code != 200:
         check_error(r, r.status_code, r.json()["error"]["param"], r.json()["error"]["code"])
