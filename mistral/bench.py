@@ -396,8 +396,8 @@ def hf_compiled_rates(hf, prompts: dict[int, torch.Tensor], steps: int, warmup: 
 
         def run(n: int, start: int) -> None:
             token = first
-            for i in range(n):
-                token = compiled(token, torch.tensor([start + i], device=device)).clone()
+            for step in range(n):
+                token = compiled(token, torch.tensor([start + step], device=device)).clone()
 
         with time_limit(budget_s):  # the first call compiles (and later ones capture the graph)
             run(warmup, ctx)
