@@ -6,6 +6,7 @@
     mistral describe WEIGHTS_OR_PRESET
     mistral inspect WEIGHTS --prompt "..." --out DIR
     mistral serve WEIGHTS [--port 8000] [--api-key KEY] [--served-model-name NAME] [--max-batch N]
+    mistral bench [--preset small] [--device cpu] [--quick] [--json bench.json]
 
 Errors from bad input end the command with one line on stderr and exit status 2.
 """
