@@ -19,19 +19,19 @@ import torch
 _M32 = 0xFFFFFFFF
 
 
-def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2³² for int64 x in [0, 2³²), without overflowing int64."""
-    lo, hi = x & 0xFFFF, x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2³² for int64 x in [0, 2³²): with c < 2³¹ the product fits in int64."""
+    return (x * c) & _M32
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (xor-shift-multiply): every input bit flips about half the output bits."""
+    """A 32-bit integer finaliser (xor-shift-multiply; constants from Wellons' hash prospector, both
+    below 2³¹ so that two int64 ops do each multiply): every input bit flips about half the output bits."""
     x = x ^ (x >> 16)
-    x = _mulmod32(x, 0x7FEB352D)
+    x = _mul32(x, 0x21F0AAAD)
     x = x ^ (x >> 15)
-    x = _mulmod32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
 
 
 def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
