@@ -246,7 +246,11 @@ class Engine:
         if graphed is not None:  # a replayed CUDA graph decoded rows 0..bucket-1 (see _graph_step)
             logits, next_tokens = graphed[0][:hi], graphed[1][:hi]
         else:
-            length = self.max_seq_len if self.fixed_batch_shape else _bucket(max(s.length for s in seqs) + 1, self.max_seq_len)
+            # Attention reads `length` cache positions: rounded up to fewer distinct lengths on GPUs,
+            # exact on the CPU, where every position read is paid for (a 0.5B step at length 256
+            # instead of ~100 is 1.5% slower in fp32, 3-5% in bf16).
+            step = 1 if self.device.type == "cpu" else 256
+            length = self.max_seq_len if self.fixed_batch_shape else _bucket(max(s.length for s in seqs) + 1, self.max_seq_len, step)
             cache = self.cache.view(0, hi, length=length)
             logits = self.model(self.tokens[:hi, None], self.pos[:hi], cache)[:, -1]  # [hi, V]
             next_tokens = sample(logits, self._sampling(0, hi), flags, self.eos_id)
