@@ -1,0 +1,249 @@
+"""Benchmark: greedy decode speed on this CPU, against transformers and against the memory floor.
+
+For each size ("small": dim 256, 2 layers; "0.5b": dim 1536, 16 layers) and dtype (fp32, bf16):
+
+  floor         At batch 1 a decode step reads every weight once and does two FLOPs per weight read,
+                so it is bound by memory: floor tok/s = matrix-vector bandwidth / weight bytes per
+                token. The bytes are every matrix of every layer, the norms and the output head; not
+                the embedding table, of which a step reads one row. The bandwidth is measured here,
+                with `F.linear(x [1, K], W [N, K])` over the model's own matrices in the model's order
+                (the same bytes a step reads, in the dtype under test), best of several passes.
+  ours          `Engine` from `mistral/engine.py`, batch 1, greedy, 128 new tokens, EOS ignored. The
+                decode phase only: from the first token (which prefill makes) to the last, so the
+                rate is 127 tokens over that span. Best of --runs.
+  transformers  `MistralForCausalLM` (attn_implementation="eager") loaded from a Hugging Face-format
+                copy written with the same seed (the same model), `generate(max_new_tokens=128,
+                min_new_tokens=128, do_sample=False)`; a streamer timestamps the tokens, and the rate
+                is likewise 127 tokens from the first generated token to the last. Best of --runs.
+
+The greedy tokens of both must agree in fp32 (a mismatch is printed loudly and the exit status is 1).
+In bf16 the two may round differently and part ways after a near-tie; that is only reported.
+
+    python scripts/bench_decode.py [--cache weights/bench] [--sizes small 0.5b] [--dtypes float32 bfloat16]
+
+The random checkpoints (fp32, ~0.1 GB and ~2.1 GB per format) are written under --cache if absent.
+The whole run takes about 10 minutes on 2 cores. Other processes on the machine slow every column;
+ours and transformers run alternately, so both see the same conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mistral.args import preset
+from mistral.engine import Engine, GenerationParams, TokenEvent
+from mistral.loader import load_model
+from mistral.make_random import make_random
+from mistral.tokenizer import Tokenizer
+
+PROMPT = "The weights of a language model are read once for every token it writes, so"
+NEW_TOKENS = 128
+
+
+def ensure_checkpoints(cache: Path, size: str) -> tuple[Path, Path]:
+    """The Mistral-format and the Hugging Face-format copy of one random model (same seed)."""
+    folders = {}
+    for fmt, marker in (("consolidated", "consolidated.safetensors"), ("hf", "model.safetensors")):
+        folder = cache / f"{size}-{fmt}"
+        if not (folder / marker).exists():
+            print(f"writing {folder} ...", flush=True)
+            make_random(folder, preset(size), fmt=fmt, dtype=torch.float32, seed=0)
+        folders[fmt] = folder
+    return folders["consolidated"], folders["hf"]
+
+
+# --- the floor ---------------------------------------------------------------------------------------
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table (one row of it)."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name != "tok_embeddings.weight")
+
+
+def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> float:
+    """Bytes/s of `F.linear(x [1, K], W [N, K])` over the model's own matrices, in the model's order,
+    from main memory: a decode step reduced to its matrix-vector products. Best of `passes`.
+
+    When the model is smaller than `min_bytes` (8x this machine's 32 MiB L3), the pass runs over
+    enough copies of its matrices to reach it, so that no weight is still in a cache when it is
+    read again. (The small model itself, 38 MB in fp32 and 19 MB in bf16, stays partly or wholly in
+    the L3 between real steps, so its decode may beat this floor.)
+    """
+    own = [p for name, p in model.named_parameters() if p.dim() == 2 and name != "tok_embeddings.weight"]
+    size = sum(W.numel() * W.element_size() for W in own)
+    copies = -(-min_bytes // size)
+    matrices = own + [W.clone() for _ in range(copies - 1) for W in own]
+    xs = {K: torch.randn(1, K, dtype=own[0].dtype) for K in {W.shape[1] for W in own}}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(passes + 1):  # the first pass is a warm-up
+            start = time.perf_counter()
+            for W in matrices:
+                F.linear(xs[W.shape[1]], W)
+            best = min(best, time.perf_counter() - start)
+    return copies * size / best
+
+
+# --- ours ----------------------------------------------------------------------------------------------
+
+
+def our_decode(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """(decode tokens/s, the generated tokens): greedy, EOS ignored, batch 1."""
+    stamps: list[tuple[float, int]] = []
+
+    def emit(event) -> None:
+        if isinstance(event, TokenEvent):
+            stamps.append((time.perf_counter(), event.token))
+
+    params = GenerationParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engine.add(prompt, params, emit)
+    while engine.has_work():
+        engine.step()
+    assert len(stamps) == new_tokens, f"expected {new_tokens} tokens, got {len(stamps)}"
+    return (new_tokens - 1) / (stamps[-1][0] - stamps[0][0]), [t for _, t in stamps]
+
+
+# --- transformers -------------------------------------------------------------------------------------
+
+
+class _Stamps:
+    """A `generate` streamer that records when each new token arrives (the prompt comes first)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_decode(model, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    ids = torch.tensor([prompt])
+    stamps = _Stamps()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, streamer=stamps, pad_token_id=0)
+    tokens = out[0, len(prompt):].tolist()
+    assert len(tokens) == new_tokens == len(stamps.times), (len(tokens), len(stamps.times))
+    return (new_tokens - 1) / (stamps.times[-1] - stamps.times[0]), tokens
+
+
+def load_hf(folder: Path, dtype: torch.dtype):
+    from transformers import MistralForCausalLM
+
+    model = MistralForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    model.generation_config.eos_token_id = None  # ignore EOS, like ours
+    return model.eval()
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+def bench(size: str, dtype: torch.dtype, cache: Path, runs: int, new_tokens: int, with_hf: bool) -> dict:
+    ours_folder, hf_folder = ensure_checkpoints(cache, size)
+    model = load_model(ours_folder, device="cpu", dtype=dtype, kernels="torch", max_seq_len=512, quiet=True)
+    tokenizer = Tokenizer.from_path(ours_folder)
+    prompt = tokenizer.encode(PROMPT, bos=True)
+    engine = Engine(model, max_batch=1, max_seq_len=512, eos_id=tokenizer.eos_id)
+    hf = load_hf(hf_folder, dtype) if with_hf else None
+
+    row = {"size": size, "dtype": str(dtype).removeprefix("torch."), "bytes": weight_bytes_per_token(model)}
+    row["bandwidth"] = matvec_bandwidth(model)
+    our_decode(engine, prompt, 8)  # warm-up: first-call allocations, thread pools
+    if hf is not None:
+        hf_decode(hf, prompt, 8)
+    ours, theirs = [], []
+    for _ in range(runs):  # alternate, so that both see the same background load
+        ours.append(our_decode(engine, prompt, new_tokens))
+        if hf is not None:
+            theirs.append(hf_decode(hf, prompt, new_tokens))
+    row["bandwidth"] = max(row["bandwidth"], matvec_bandwidth(model))  # again, after the runs
+    row["ours"] = max(rate for rate, _ in ours)
+    row["ours_tokens"] = ours[0][1]
+    if hf is not None:
+        row["hf"] = max(rate for rate, _ in theirs)
+        row["hf_tokens"] = theirs[0][1]
+    del model, engine, hf
+    gc.collect()
+    return row
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", type=Path, default=Path("weights/bench"), help="where the random checkpoints live")
+    p.add_argument("--sizes", nargs="+", default=["small", "0.5b"], choices=["small", "0.5b", "7b-v0.3"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--runs", type=int, default=3, help="timed generations per engine (best is kept)")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    p.add_argument("--no-transformers", action="store_true", help="time ours only")
+    a = p.parse_args()
+
+    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {datetime.date.today()}; load average {_load()}", flush=True)
+    rows, mismatch = [], False
+    for size in a.sizes:
+        for name in a.dtypes:
+            start = time.perf_counter()
+            row = bench(size, getattr(torch, name), a.cache, a.runs, a.new_tokens, not a.no_transformers)
+            rows.append(row)
+            line = f"{size} {name}: ours {row['ours']:.1f} tok/s"
+            if "hf" in row:
+                line += f", transformers {row['hf']:.1f} tok/s"
+                diff = first_difference(row["ours_tokens"], row["hf_tokens"])
+                row["match"] = "yes" if diff is None else f"no (from token {diff})"
+                if diff is not None and name == "float32":
+                    mismatch = True
+                    print(f"!!! MISMATCH: our greedy tokens differ from transformers' at token {diff} "
+                          f"({size} fp32)\n    ours: {row['ours_tokens']}\n    hf:   {row['hf_tokens']}", flush=True)
+            print(f"{line}  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    print(f"\nload average at the end: {_load()} (other processes on the machine slow every column)")
+    print("| size | dtype | weights read / token | mat-vec bandwidth | floor | ours | ours / floor "
+          "| transformers (eager) | ours / transformers | same greedy tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        floor = r["bandwidth"] / r["bytes"]
+        hf = f"{r['hf']:.1f} tok/s" if "hf" in r else "-"
+        ratio = f"{r['ours'] / r['hf']:.2f}x" if "hf" in r else "-"
+        print(f"| {r['size']} | {r['dtype']} | {r['bytes'] / 1e6:.1f} MB | {r['bandwidth'] / 1e9:.1f} GB/s "
+              f"| {floor:.1f} tok/s | {r['ours']:.1f} tok/s | {r['ours'] / floor:.0%} | {hf} | {ratio} "
+              f"| {r.get('match', '-')} |")
+    sys.exit(1 if mismatch else 0)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()
