@@ -1,8 +1,8 @@
 """CUDA graphs for the decode step: record its kernel launches once per batch size, replay them.
 
 At batch 1 the GPU spends about 5 ms on a 7B decode step (reading 14.2 GB of weights), but the
-step is several hundred small kernels, and eager PyTorch spends 5-20 µs of Python and driver time launching
-each one: the host, not the GPU, sets the pace. A CUDA graph records the launches of one step with
+step is several hundred small kernels, and eager PyTorch spends 5-20 µs of Python and driver time
+launching each one: the host, not the GPU, sets the pace. A CUDA graph records the launches of one step with
 their arguments (pointers included) and replays all of them with one call.
 
 What a captured step must obey, since the replay repeats exactly what was recorded:
