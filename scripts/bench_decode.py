@@ -5,25 +5,28 @@ For each size ("small": dim 256, 2 layers; "0.5b": dim 1536, 16 layers) and dtyp
   floor         At batch 1 a decode step reads every weight once and does two FLOPs per weight read,
                 so it is bound by memory: floor tok/s = matrix-vector bandwidth / weight bytes per
                 token. The bytes are every matrix of every layer, the norms and the output head; not
-                the embedding table, of which a step reads one row. The bandwidth is measured here,
-                with `F.linear(x [1, K], W [N, K])` over the model's own matrices in the model's order
-                (the same bytes a step reads, in the dtype under test), best of several passes.
-  ours          `Engine` from `mistral/engine.py`, batch 1, greedy, 128 new tokens, EOS ignored. The
-                decode phase only: from the first token (which prefill makes) to the last, so the
-                rate is 127 tokens over that span. Best of --runs.
+                the embedding table, of which a step reads one row. The bandwidth is measured here:
+                `F.linear(x [1, K], W [N, K])` over the model's own matrices in the model's order, in
+                the dtype under test, from main memory (copies of the matrices when the model is
+                smaller than 256 MiB, so that none is still cached), best of several passes.
+  ours          `Engine` from `mistral/engine.py` (PyTorch ops), batch 1, greedy, 128 new tokens,
+                EOS ignored. The decode phase only: from the first token (which prefill makes) to
+                the last, so the rate is 127 tokens over that span, best of --runs; and the "median
+                step" rate, 1 / the median time between two tokens over all runs.
   transformers  `MistralForCausalLM` (attn_implementation="eager") loaded from a Hugging Face-format
                 copy written with the same seed (the same model), `generate(max_new_tokens=128,
                 min_new_tokens=128, do_sample=False)`; a streamer timestamps the tokens, and the rate
-                is likewise 127 tokens from the first generated token to the last. Best of --runs.
+                is likewise 127 tokens from the first generated token to the last (and the median step).
 
 The greedy tokens of both must agree in fp32 (a mismatch is printed loudly and the exit status is 1).
-In bf16 the two may round differently and part ways after a near-tie; that is only reported.
+In bf16 the two round differently and may part ways after a near-tie; that is only reported.
 
     python scripts/bench_decode.py [--cache weights/bench] [--sizes small 0.5b] [--dtypes float32 bfloat16]
 
-The random checkpoints (fp32, ~0.1 GB and ~2.1 GB per format) are written under --cache if absent.
-The whole run takes about 10 minutes on 2 cores. Other processes on the machine slow every column;
-ours and transformers run alternately, so both see the same conditions.
+The random checkpoints (fp32; 0.07 GB and 2 GB per format) are written under --cache if absent.
+The run takes 4-5 minutes on a quiet 2-core machine. Busy neighbours slow every column, and with
+torch's 2 threads a busy second core stalls each parallel region: run it on an idle machine (the
+load average is printed at the start and the end). Ours and transformers run alternately.
 """
 
 from __future__ import annotations
@@ -97,8 +100,8 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> fl
 # --- ours ----------------------------------------------------------------------------------------------
 
 
-def our_decode(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
-    """(decode tokens/s, the generated tokens): greedy, EOS ignored, batch 1."""
+def our_decode(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[list[float], list[int]]:
+    """(the time each token arrived, the tokens): greedy, EOS ignored, batch 1."""
     stamps: list[tuple[float, int]] = []
 
     def emit(event) -> None:
@@ -110,7 +113,7 @@ def our_decode(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[floa
     while engine.has_work():
         engine.step()
     assert len(stamps) == new_tokens, f"expected {new_tokens} tokens, got {len(stamps)}"
-    return (new_tokens - 1) / (stamps[-1][0] - stamps[0][0]), [t for _, t in stamps]
+    return [t for t, _ in stamps], [token for _, token in stamps]
 
 
 # --- transformers -------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ class _Stamps:
         pass
 
 
-def hf_decode(model, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+def hf_decode(model, prompt: list[int], new_tokens: int) -> tuple[list[float], list[int]]:
     ids = torch.tensor([prompt])
     stamps = _Stamps()
     with torch.inference_mode():
@@ -141,7 +144,7 @@ def hf_decode(model, prompt: list[int], new_tokens: int) -> tuple[float, list[in
                              min_new_tokens=new_tokens, do_sample=False, streamer=stamps, pad_token_id=0)
     tokens = out[0, len(prompt):].tolist()
     assert len(tokens) == new_tokens == len(stamps.times), (len(tokens), len(stamps.times))
-    return (new_tokens - 1) / (stamps.times[-1] - stamps.times[0]), tokens
+    return stamps.times, tokens
 
 
 def load_hf(folder: Path, dtype: torch.dtype):
@@ -174,14 +177,22 @@ def bench(size: str, dtype: torch.dtype, cache: Path, runs: int, new_tokens: int
         if hf is not None:
             theirs.append(hf_decode(hf, prompt, new_tokens))
     row["bandwidth"] = max(row["bandwidth"], matvec_bandwidth(model))  # again, after the runs
-    row["ours"] = max(rate for rate, _ in ours)
+    row["ours"], row["ours_median"] = decode_rates([times for times, _ in ours])
     row["ours_tokens"] = ours[0][1]
     if hf is not None:
-        row["hf"] = max(rate for rate, _ in theirs)
+        row["hf"], row["hf_median"] = decode_rates([times for times, _ in theirs])
         row["hf_tokens"] = theirs[0][1]
     del model, engine, hf
     gc.collect()
     return row
+
+
+def decode_rates(runs: list[list[float]]) -> tuple[float, float]:
+    """Tokens/s of the best run (first token to last), and 1 / the median gap between tokens over
+    all runs: the rate of an undisturbed step, which a busy neighbour's bursts barely move."""
+    best = max((len(t) - 1) / (t[-1] - t[0]) for t in runs)
+    gaps = sorted(b - a for t in runs for a, b in zip(t, t[1:]))
+    return best, 1 / gaps[len(gaps) // 2]
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -193,7 +204,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("weights/bench"), help="where the random checkpoints live")
     p.add_argument("--sizes", nargs="+", default=["small", "0.5b"], choices=["small", "0.5b", "7b-v0.3"])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    p.add_argument("--runs", type=int, default=3, help="timed generations per engine (best is kept)")
+    p.add_argument("--runs", type=int, default=3, help="timed generations per engine")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     p.add_argument("--no-transformers", action="store_true", help="time ours only")
     a = p.parse_args()
@@ -206,9 +217,9 @@ def main() -> None:
             start = time.perf_counter()
             row = bench(size, getattr(torch, name), a.cache, a.runs, a.new_tokens, not a.no_transformers)
             rows.append(row)
-            line = f"{size} {name}: ours {row['ours']:.1f} tok/s"
+            line = f"{size} {name}: ours {row['ours']:.1f} tok/s (median step {row['ours_median']:.1f})"
             if "hf" in row:
-                line += f", transformers {row['hf']:.1f} tok/s"
+                line += f", transformers {row['hf']:.1f} tok/s (median step {row['hf_median']:.1f})"
                 diff = first_difference(row["ours_tokens"], row["hf_tokens"])
                 row["match"] = "yes" if diff is None else f"no (from token {diff})"
                 if diff is not None and name == "float32":
@@ -218,16 +229,18 @@ def main() -> None:
             print(f"{line}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
     print(f"\nload average at the end: {_load()} (other processes on the machine slow every column)")
-    print("| size | dtype | weights read / token | mat-vec bandwidth | floor | ours | ours / floor "
-          "| transformers (eager) | ours / transformers | same greedy tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| size | dtype | weights read / token | mat-vec bandwidth | floor | ours, best run | ours / floor "
+          "| transformers eager, best run | ours / transformers | ours, median step | transformers, median step "
+          "| same greedy tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         floor = r["bandwidth"] / r["bytes"]
-        hf = f"{r['hf']:.1f} tok/s" if "hf" in r else "-"
-        ratio = f"{r['ours'] / r['hf']:.2f}x" if "hf" in r else "-"
+        hf, hf_ratio, hf_median = "-", "-", "-"
+        if "hf" in r:
+            hf, hf_ratio, hf_median = f"{r['hf']:.1f} tok/s", f"{r['ours'] / r['hf']:.2f}x", f"{r['hf_median']:.1f} tok/s"
         print(f"| {r['size']} | {r['dtype']} | {r['bytes'] / 1e6:.1f} MB | {r['bandwidth'] / 1e9:.1f} GB/s "
-              f"| {floor:.1f} tok/s | {r['ours']:.1f} tok/s | {r['ours'] / floor:.0%} | {hf} | {ratio} "
-              f"| {r.get('match', '-')} |")
+              f"| {floor:.1f} tok/s | {r['ours']:.1f} tok/s | {r['ours'] / floor:.0%} | {hf} | {hf_ratio} "
+              f"| {r['ours_median']:.1f} tok/s ({r['ours_median'] / floor:.0%}) | {hf_median} | {r.get('match', '-')} |")
     sys.exit(1 if mismatch else 0)
 
 
