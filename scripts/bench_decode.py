@@ -97,6 +97,37 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> fl
     return copies * size / best
 
 
+def machine_bandwidth(nbytes: int = 400 * 2**20, passes: int = 5) -> tuple[float, float, float]:
+    """For context, in fp32 from main memory: bytes/s of (a) `torch.sum` (all threads), (b) one
+    `F.linear` mat-vec, (c) the same mat-vec split by rows over two Python threads.
+
+    PyTorch runs an fp32 mat-vec on one thread whatever `torch.set_num_threads` says, so (b) is what
+    the floor above measures, while (a) and (c) show what the memory gives two cores.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    W = torch.randn(nbytes // 4 // 4096, 4096)
+    x = torch.randn(1, 4096)
+    top, bottom = W.chunk(2)
+
+    def halves() -> None:
+        other = pool.submit(F.linear, x, bottom)
+        F.linear(x, top)
+        other.result()
+
+    def rate(fn) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(passes):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return W.numel() * 4 / best
+
+    with ThreadPoolExecutor(1) as pool, torch.inference_mode():
+        return rate(W.sum), rate(lambda: F.linear(x, W)), rate(halves)
+
+
 # --- ours ----------------------------------------------------------------------------------------------
 
 
@@ -211,6 +242,9 @@ def main() -> None:
 
     print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {datetime.date.today()}; load average {_load()}", flush=True)
+    total, one, two = machine_bandwidth()
+    print(f"fp32 reads from memory: torch.sum {total / 1e9:.1f} GB/s, F.linear mat-vec {one / 1e9:.1f} GB/s, "
+          f"the same split over two threads {two / 1e9:.1f} GB/s", flush=True)
     rows, mismatch = [], False
     for size in a.sizes:
         for name in a.dtypes:
