@@ -6,8 +6,8 @@ For each size ("small": dim 256, 2 layers; "0.5b": dim 1536, 16 layers) and dtyp
                 so it is bound by memory: floor tok/s = matrix-vector bandwidth / weight bytes per
                 token. The bytes are every matrix of every layer, the norms and the output head; not
                 the embedding table, of which a step reads one row. The bandwidth is measured here:
-                `F.linear(x [1, K], W [N, K])` over the model's own matrices in the model's order, in
-                the dtype under test, from main memory (copies of the matrices when the model is
+                `x [1, K] @ W [N, K]ᵀ` (the faster of `F.linear` and the model's `linear`) over the
+                model's own matrices in the model's order, in the dtype under test, from main memory (copies of the matrices when the model is
                 smaller than 256 MiB, so that none is still cached), best of several passes.
   ours          `Engine` from `mistral/engine.py` (PyTorch ops), batch 1, greedy, 128 new tokens,
                 EOS ignored. The decode phase only: from the first token (which prefill makes) to
@@ -47,6 +47,7 @@ from mistral.args import preset
 from mistral.engine import Engine, GenerationParams, TokenEvent
 from mistral.loader import load_model
 from mistral.make_random import make_random
+from mistral.model import linear
 from mistral.tokenizer import Tokenizer
 
 PROMPT = "The weights of a language model are read once for every token it writes, so"
@@ -74,8 +75,10 @@ def weight_bytes_per_token(model) -> int:
 
 
 def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> float:
-    """Bytes/s of `F.linear(x [1, K], W [N, K])` over the model's own matrices, in the model's order,
-    from main memory: a decode step reduced to its matrix-vector products. Best of `passes`.
+    """Bytes/s of a mat-vec `x [1, K] @ W [N, K]ᵀ` over the model's own matrices, in the model's order,
+    from main memory: a decode step reduced to its matrix-vector products. Best of `passes`, and of
+    two ways to compute it: `F.linear` (one thread in fp32) and the model's `linear` (in fp32, one
+    block of rows per thread), so the floor is set by the fastest mat-vec we know on this machine.
 
     When the model is smaller than `min_bytes` (8x this machine's 32 MiB L3), the pass runs over
     enough copies of its matrices to reach it, so that no weight is still in a cache when it is
@@ -89,11 +92,12 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> fl
     xs = {K: torch.randn(1, K, dtype=own[0].dtype) for K in {W.shape[1] for W in own}}
     best = float("inf")
     with torch.inference_mode():
-        for _ in range(passes + 1):  # the first pass is a warm-up
-            start = time.perf_counter()
-            for W in matrices:
-                F.linear(xs[W.shape[1]], W)
-            best = min(best, time.perf_counter() - start)
+        for matvec in (F.linear, linear):
+            for _ in range(passes + 1):  # the first pass is a warm-up
+                start = time.perf_counter()
+                for W in matrices:
+                    matvec(xs[W.shape[1]], W)
+                best = min(best, time.perf_counter() - start)
     return copies * size / best
 
 
