@@ -227,7 +227,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias, computed by `linear` above."""
+    """nn.Linear without bias (Mistral has none), computed by `linear` above."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
@@ -250,10 +253,10 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.sliding_window = args.sliding_window
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.wqkv: torch.Tensor | None = None  # [(H + 2 Hkv) D, dim] once merged (see merge_projections)
         self.ops = TORCH_OPS
 
@@ -268,7 +271,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if self.wqkv is not None:  # one matmul for all three (the weights are views of wqkv's rows)
             q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            xq, xk, xv = F.linear(x, self.wqkv).split([q, kv, kv], dim=-1)
+            xq, xk, xv = linear(x, self.wqkv).split([q, kv, kv], dim=-1)
         else:
             xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
         xq = xq.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
@@ -288,15 +291,15 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = Linear(args.dim, args.hidden_dim, bias=False)  # gate
-        self.w2 = Linear(args.hidden_dim, args.dim, bias=False)  # down
-        self.w3 = Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.w1 = Linear(args.dim, args.hidden_dim)  # gate
+        self.w2 = Linear(args.hidden_dim, args.dim)  # down
+        self.w3 = Linear(args.dim, args.hidden_dim)  # up
         self.w13: torch.Tensor | None = None  # [2 hidden_dim, dim] once merged (see merge_projections)
         self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, dim] -> [B, T, dim]
         if self.w13 is not None:  # one matmul for both (the weights are views of w13's rows)
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            gate, up = linear(x, self.w13).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
         return self.w2(self.ops.silu_mul(gate, up))  # hidden [B, T, hidden_dim]
@@ -325,7 +328,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         cos, sin = precompute_freqs(args.head_dim, max_seq_len, args.rope_theta, device=self.output.weight.device)
         self.register_buffer("freqs_cos", cos, persistent=False)  # [max_seq_len, D/2] fp32
         self.register_buffer("freqs_sin", sin, persistent=False)
