@@ -5,6 +5,9 @@
     mistral tokenize WEIGHTS_OR_TOKENIZER --request request.json | --text "..."
     mistral describe WEIGHTS_OR_PRESET
     mistral inspect WEIGHTS --prompt "..." --out DIR
+    mistral demo                                   (a small random checkpoint, made if absent, end to end)
+    mistral generate WEIGHTS --prompt "..."        mistral chat WEIGHTS
+    mistral download REPO_ID [--format consolidated|hf] [--dir DIR]
     mistral serve WEIGHTS [--port 8000] [--api-key KEY] [--served-model-name NAME] [--max-batch N]
     mistral bench [--preset small] [--device cpu] [--quick] [--json bench.json]
 
