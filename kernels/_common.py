@@ -19,6 +19,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Read when the kernels are decorated, which is when triton decides too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -121,3 +122,21 @@ def check_attention(xq, keys, values, input_pos, sliding_window) -> None:
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
                                        or sliding_window <= 0):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+
+
+@triton.jit
+def online_softmax_update(m, l, acc, s, v, PRECISION: tl.constexpr):
+    """One key tile of flash attention's online softmax, for both attention kernels.
+
+    m [R] running max of each row's scores, l [R] running sum of exp2(score - m), acc [R, D] running
+    sum of exp2(score - m) * value; s [R, N] this tile's scores in log2 units, -inf where invisible;
+    v [N, D] its values. Returns the updated (m, l, acc). A row with nothing visible yet keeps
+    m = -inf and adds nothing (its max is taken as 0 for the exponentials).
+    """
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)  # rescales what was summed under the old max
+    p = tl.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return m_new, l, acc

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MIN_DOT, check_attention, check_out, dot_precision, last_dim_contiguous, next_power_of_2, num_sms
+from ._common import MIN_DOT, online_softmax_update, check_attention, check_out, dot_precision, last_dim_contiguous, next_power_of_2, num_sms
 
 BLOCK_N = 64  # cache positions per loop step
 MIN_CHUNK = 256  # fewest positions worth a split of their own
@@ -78,15 +78,9 @@ def _decode_kernel(
                      mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with nothing visible adds nothing
-        alpha = tl.exp2(m - m_safe)  # rescales what was summed under the old max
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n[:, None] * v_sl + d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = online_softmax_update(m, l, acc, s, v, PRECISION)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty split (past the row's length) gives 0
     mask = g_mask[:, None] & d_mask[None, :]

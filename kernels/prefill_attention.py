@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MIN_DOT, check_attention, check_out, dot_precision, last_dim_contiguous, next_power_of_2
+from ._common import MIN_DOT, online_softmax_update, check_attention, check_out, dot_precision, last_dim_contiguous, next_power_of_2
 
 BLOCK_M = 64  # queries per program
 BLOCK_N = 64  # cache positions per loop step
@@ -79,15 +79,9 @@ def _prefill_kernel(
         if HAS_WINDOW:
             visible &= n[None, :] > q_pos[:, None] - window
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n[:, None] * v_sl + d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = online_softmax_update(m, l, acc, s, v, PRECISION)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + b * o_sb + t[:, None] * o_st + h * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty),
