@@ -394,9 +394,6 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(self.norm(h))  # [B, T, vocab_size]
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def _merge_rows(*linears: nn.Linear) -> torch.Tensor:
     """Concatenate the weights' rows into one new matrix and make each weight a view of its rows."""
