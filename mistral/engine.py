@@ -22,7 +22,8 @@ keeps. The server uses that.
 All state the decode step reads lives on the device (`tokens`, `pos`, sampling settings); the host
 reads back only the sampled tokens, to stream them. That is also what lets the decode step be
 replayed from a CUDA graph (`cuda_graphs=True`, the default on CUDA with the Triton kernels; see
-cuda_graphs.py); prefill stays eager, since prompt lengths vary.
+cuda_graphs.py); prefill stays eager, since prompt lengths vary. On the CPU, `compile=True` runs the
+decode step through torch.compile instead (see `_compiled_forward`).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Engine:
         fixed_batch_shape: bool = False,
         max_waiting: int = 256,
         cuda_graphs: bool | None = None,
+        compile: bool = False,
     ):
         self.model = model
         self.max_batch = max_batch
@@ -136,7 +138,10 @@ class Engine:
         self.logit_bias: torch.Tensor | None = None  # [R, V], allocated when first needed
         self.counts: torch.Tensor | None = None  # [R, V]
         self.in_prompt: torch.Tensor | None = None  # [R, V]
-        self.graphs = self._captured_steps(cuda_graphs)  # None: every decode step runs eagerly
+        if compile and cuda_graphs:
+            raise ValueError("choose one of compile=True and cuda_graphs=True: both replace the eager decode step")
+        self.graphs = None if compile else self._captured_steps(cuda_graphs)  # None: no CUDA graphs
+        self.decode_forward = self._compiled_forward() if compile else model  # the model as a decode step runs it
 
         self.running: dict[int, Sequence] = {}  # row -> sequence
         self.free_rows = list(range(R))
@@ -252,12 +257,52 @@ class Engine:
             step = 1 if self.device.type == "cpu" else 256
             length = self.max_seq_len if self.fixed_batch_shape else _bucket(max(s.length for s in seqs) + 1, self.max_seq_len, step)
             cache = self.cache.view(0, hi, length=length)
-            logits = self.model(self.tokens[:hi, None], self.pos[:hi], cache)[:, -1]  # [hi, V]
+            logits = self._forward(self.tokens[:hi, None], self.pos[:hi], cache)[:, -1]  # [hi, V]
             next_tokens = sample(logits, self._sampling(0, hi), flags, self.eos_id)
         self.pos[:hi] += self.active[:hi]  # the token sampled now goes in at the next position
         for seq in seqs:
             seq.length += 1
         self._advance(seqs, 0, hi, logits, next_tokens)
+
+    # --- torch.compile of the decode step ------------------------------------------------------------
+
+    def _compiled_forward(self):
+        """The model's forward through torch.compile, for decode steps (prefill stays eager: each
+        prompt length would be a new shape to specialise on).
+
+        On the CPU this is the fast path. Eager PyTorch runs a decode step as ~300 separate ops,
+        ~1 ms of dispatch on a small model, and its bf16 mat-vecs read 15-18 GB/s; inductor fuses
+        the glue between matmuls into a few C++ loops and the mat-vecs into vectorised reductions
+        that read at memory speed (see `linear` in model.py; BENCHMARKS.md has the figures). The
+        price is a compilation on the first step: ~10 s for the small preset, ~1 min at 0.5B, on 2
+        cores, and again when the batch grows past 1 or past 4 rows. Shapes are dynamic, so the
+        growing cache length does not recompile. Needs a C++ compiler on the CPU.
+
+        Only the PyTorch ops are compiled: on CUDA the Triton kernels and CUDA graphs (the default
+        there) do this job.
+        """
+        if self.model.ops.name != "torch":
+            raise ValueError(f"compile=True compiles the PyTorch ops; this model uses kernels={self.model.ops.name!r} "
+                             "(on CUDA the Triton kernels run with cuda_graphs instead)")
+        # realize_opcount_threshold=0: store each intermediate rather than recompute it inside its
+        # consumers. Otherwise inductor inlines an RMSNorm (its rsqrt included) into the inner loop
+        # of the next mat-vec, once per weight row; storing it made decode steps 5-25% faster here.
+        return torch.compile(self.model, dynamic=True, fullgraph=True, options={"realize_opcount_threshold": 0})
+
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """The decode step's forward; a compiled one that fails (no C++ compiler, too many
+        recompilations in this process, ...) is dropped for the eager model, with a warning. Before
+        it runs, a compiled step fails as a whole; after a partial run, the eager rerun writes the
+        same cache positions again."""
+        try:
+            return self.decode_forward(tokens, pos, cache)
+        except Exception as e:
+            if self.decode_forward is self.model:
+                raise
+            log.warning("the compiled decode step failed (%s: %s); decoding eagerly from now on",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.decode_forward = self.model
+            return self.model(tokens, pos, cache)
 
     # --- CUDA graphs of the decode step (see cuda_graphs.py) -----------------------------------------
 

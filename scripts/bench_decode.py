@@ -6,27 +6,30 @@ For each size ("small": dim 256, 2 layers; "0.5b": dim 1536, 16 layers) and dtyp
                 so it is bound by memory: floor tok/s = matrix-vector bandwidth / weight bytes per
                 token. The bytes are every matrix of every layer, the norms and the output head; not
                 the embedding table, of which a step reads one row. The bandwidth is measured here:
-                `x [1, K] @ W [N, K]ᵀ` (the faster of `F.linear` and the model's `linear`) over the
-                model's own matrices in the model's order, in the dtype under test, from main memory (copies of the matrices when the model is
-                smaller than 256 MiB, so that none is still cached), best of several passes.
+                `x [1, K] @ W [N, K]ᵀ` over the model's own matrices in the model's order, in the
+                dtype under test, from main memory (copies of the matrices when the model is smaller
+                than 256 MiB, so that none is still cached), best of several passes, and the fastest
+                of three ways: `F.linear`, the model's `linear`, and that `linear` compiled.
   ours          `Engine` from `mistral/engine.py` (PyTorch ops), batch 1, greedy, 128 new tokens,
-                EOS ignored. The decode phase only: from the first token (which prefill makes) to
-                the last, so the rate is 127 tokens over that span, best of --runs; and the "median
-                step" rate, 1 / the median time between two tokens over all runs.
+                EOS ignored, twice: eager, and with `compile=True` (the decode step through
+                torch.compile; its compilation happens in a warm-up run and is reported apart).
+                The decode phase only: from the first token (which prefill makes) to the last, so
+                the rate is 127 tokens over that span, best of --runs; and the "median step" rate,
+                1 / the median time between two tokens over all runs.
   transformers  `MistralForCausalLM` (attn_implementation="eager") loaded from a Hugging Face-format
                 copy written with the same seed (the same model), `generate(max_new_tokens=128,
                 min_new_tokens=128, do_sample=False)`; a streamer timestamps the tokens, and the rate
                 is likewise 127 tokens from the first generated token to the last (and the median step).
 
-The greedy tokens of both must agree in fp32 (a mismatch is printed loudly and the exit status is 1).
+The greedy tokens of ours (both ways) and transformers' must agree in fp32 (a mismatch is printed loudly and the exit status is 1).
 In bf16 the two round differently and may part ways after a near-tie; that is only reported.
 
     python scripts/bench_decode.py [--cache weights/bench] [--sizes small 0.5b] [--dtypes float32 bfloat16]
 
 The random checkpoints (fp32; 0.07 GB and 2 GB per format) are written under --cache if absent.
-The run takes 4-5 minutes on a quiet 2-core machine. Busy neighbours slow every column, and with
+The run takes ~10 minutes on a quiet 2-core machine (compilations included). Busy neighbours slow every column, and with
 torch's 2 threads a busy second core stalls each parallel region: run it on an idle machine (the
-load average is printed at the start and the end). Ours and transformers run alternately.
+load average is printed at the start and the end). Ours (both) and transformers run alternately.
 """
 
 from __future__ import annotations
@@ -74,11 +77,13 @@ def weight_bytes_per_token(model) -> int:
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name != "tok_embeddings.weight")
 
 
-def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> float:
+def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> dict[str, float]:
     """Bytes/s of a mat-vec `x [1, K] @ W [N, K]ᵀ` over the model's own matrices, in the model's order,
-    from main memory: a decode step reduced to its matrix-vector products. Best of `passes`, and of
-    two ways to compute it: `F.linear` (one thread in fp32) and the model's `linear` (in fp32, one
-    block of rows per thread), so the floor is set by the fastest mat-vec we know on this machine.
+    from main memory: a decode step reduced to its matrix-vector products. Best of `passes`, for
+    each of three ways to compute it: "F.linear"; "linear", the model's eager `linear` (in fp32, one
+    block of rows per thread); "compiled", that `linear` under torch.compile, as the engine's
+    `compile=True` runs it, with the whole pass as one compiled call (so that no per-call cost
+    counts). The floor is set by the fastest of the three: the fastest mat-vec we know here.
 
     When the model is smaller than `min_bytes` (8x this machine's 32 MiB L3), the pass runs over
     enough copies of its matrices to reach it, so that no weight is still in a cache when it is
@@ -90,15 +95,29 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> fl
     copies = -(-min_bytes // size)
     matrices = own + [W.clone() for _ in range(copies - 1) for W in own]
     xs = {K: torch.randn(1, K, dtype=own[0].dtype) for K in {W.shape[1] for W in own}}
-    best = float("inf")
+
+    def one_by_one(matvec):
+        def run():
+            for W in matrices:
+                matvec(xs[W.shape[1]], W)
+        return run
+
+    def all_matrices(xs, matrices):
+        return [linear(xs[W.shape[1]], W) for W in matrices]
+
+    compiled = torch.compile(all_matrices, fullgraph=True)
+    ways = {"F.linear": one_by_one(F.linear), "linear": one_by_one(linear),
+            "compiled": lambda: compiled(xs, matrices)}
+    rates = {}
     with torch.inference_mode():
-        for matvec in (F.linear, linear):
-            for _ in range(passes + 1):  # the first pass is a warm-up
+        for name, run in ways.items():
+            best = float("inf")
+            for _ in range(passes + 1):  # the first pass is a warm-up (and the compilation)
                 start = time.perf_counter()
-                for W in matrices:
-                    matvec(xs[W.shape[1]], W)
+                run()
                 best = min(best, time.perf_counter() - start)
-    return copies * size / best
+            rates[name] = copies * size / best
+    return rates
 
 
 def machine_bandwidth(nbytes: int = 400 * 2**20, passes: int = 5) -> tuple[float, float, float]:
@@ -198,26 +217,34 @@ def bench(size: str, dtype: torch.dtype, cache: Path, runs: int, new_tokens: int
     model = load_model(ours_folder, device="cpu", dtype=dtype, kernels="torch", max_seq_len=512, quiet=True)
     tokenizer = Tokenizer.from_path(ours_folder)
     prompt = tokenizer.encode(PROMPT, bos=True)
-    engine = Engine(model, max_batch=1, max_seq_len=512, eos_id=tokenizer.eos_id)
+    engines = {"eager": Engine(model, max_batch=1, max_seq_len=512, eos_id=tokenizer.eos_id),
+               "compiled": Engine(model, max_batch=1, max_seq_len=512, eos_id=tokenizer.eos_id, compile=True)}
     hf = load_hf(hf_folder, dtype) if with_hf else None
 
     row = {"size": size, "dtype": str(dtype).removeprefix("torch."), "bytes": weight_bytes_per_token(model)}
     row["bandwidth"] = matvec_bandwidth(model)
-    our_decode(engine, prompt, 8)  # warm-up: first-call allocations, thread pools
+    for name, engine in engines.items():  # warm-up: first-call allocations, thread pools, the compilation
+        start = time.perf_counter()
+        our_decode(engine, prompt, 8)
+        row[f"warmup_{name}"] = time.perf_counter() - start
     if hf is not None:
         hf_decode(hf, prompt, 8)
-    ours, theirs = [], []
-    for _ in range(runs):  # alternate, so that both see the same background load
-        ours.append(our_decode(engine, prompt, new_tokens))
+    timed = {name: [] for name in engines}
+    theirs = []
+    for _ in range(runs):  # alternate, so that all see the same background load
+        for name, engine in engines.items():
+            timed[name].append(our_decode(engine, prompt, new_tokens))
         if hf is not None:
             theirs.append(hf_decode(hf, prompt, new_tokens))
-    row["bandwidth"] = max(row["bandwidth"], matvec_bandwidth(model))  # again, after the runs
-    row["ours"], row["ours_median"] = decode_rates([times for times, _ in ours])
-    row["ours_tokens"] = ours[0][1]
+    again = matvec_bandwidth(model)  # again, after the runs
+    row["bandwidth"] = {way: max(rate, again[way]) for way, rate in row["bandwidth"].items()}
+    for name, results in timed.items():
+        row[name], row[f"{name}_median"] = decode_rates([times for times, _ in results])
+        row[f"{name}_tokens"] = results[0][1]
     if hf is not None:
         row["hf"], row["hf_median"] = decode_rates([times for times, _ in theirs])
         row["hf_tokens"] = theirs[0][1]
-    del model, engine, hf
+    del model, engines, hf
     gc.collect()
     return row
 
@@ -255,30 +282,37 @@ def main() -> None:
             start = time.perf_counter()
             row = bench(size, getattr(torch, name), a.cache, a.runs, a.new_tokens, not a.no_transformers)
             rows.append(row)
-            line = f"{size} {name}: ours {row['ours']:.1f} tok/s (median step {row['ours_median']:.1f})"
+            line = (f"{size} {name}: ours eager {row['eager']:.1f} tok/s (median step {row['eager_median']:.1f}), "
+                    f"compiled {row['compiled']:.1f} tok/s (median step {row['compiled_median']:.1f}; "
+                    f"first 8 tokens with the compilation {row['warmup_compiled']:.0f} s)")
             if "hf" in row:
                 line += f", transformers {row['hf']:.1f} tok/s (median step {row['hf_median']:.1f})"
-                diff = first_difference(row["ours_tokens"], row["hf_tokens"])
-                row["match"] = "yes" if diff is None else f"no (from token {diff})"
-                if diff is not None and name == "float32":
-                    mismatch = True
-                    print(f"!!! MISMATCH: our greedy tokens differ from transformers' at token {diff} "
-                          f"({size} fp32)\n    ours: {row['ours_tokens']}\n    hf:   {row['hf_tokens']}", flush=True)
-            print(f"{line}  ({time.perf_counter() - start:.0f} s)", flush=True)
+                for ours in ("eager", "compiled"):
+                    diff = first_difference(row[f"{ours}_tokens"], row["hf_tokens"])
+                    row[f"{ours}_match"] = "yes" if diff is None else f"no (from token {diff})"
+                    if diff is not None and name == "float32":
+                        mismatch = True
+                        print(f"!!! MISMATCH: our {ours} greedy tokens differ from transformers' at token {diff} "
+                              f"({size} fp32)\n    ours: {row[f'{ours}_tokens']}\n    hf:   {row['hf_tokens']}", flush=True)
+            bw = ", ".join(f"{way} {rate / 1e9:.1f}" for way, rate in row["bandwidth"].items())
+            print(f"{line}  ({time.perf_counter() - start:.0f} s)\n    mat-vec GB/s: {bw}", flush=True)
 
     print(f"\nload average at the end: {_load()} (other processes on the machine slow every column)")
-    print("| size | dtype | weights read / token | mat-vec bandwidth | floor | ours, best run | ours / floor "
-          "| transformers eager, best run | ours / transformers | ours, median step | transformers, median step "
-          "| same greedy tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| size | dtype | weights read / token | mat-vec bandwidth (way) | floor | ours eager, best run (% of floor) "
+          "| ours compiled, best run (% of floor) | transformers eager, best run | compiled / transformers "
+          "| median step: eager / compiled / transformers | same greedy tokens (eager, compiled) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        floor = r["bandwidth"] / r["bytes"]
+        way, bandwidth = max(r["bandwidth"].items(), key=lambda item: item[1])
+        floor = bandwidth / r["bytes"]
         hf, hf_ratio, hf_median = "-", "-", "-"
         if "hf" in r:
-            hf, hf_ratio, hf_median = f"{r['hf']:.1f} tok/s", f"{r['ours'] / r['hf']:.2f}x", f"{r['hf_median']:.1f} tok/s"
-        print(f"| {r['size']} | {r['dtype']} | {r['bytes'] / 1e6:.1f} MB | {r['bandwidth'] / 1e9:.1f} GB/s "
-              f"| {floor:.1f} tok/s | {r['ours']:.1f} tok/s | {r['ours'] / floor:.0%} | {hf} | {hf_ratio} "
-              f"| {r['ours_median']:.1f} tok/s ({r['ours_median'] / floor:.0%}) | {hf_median} | {r.get('match', '-')} |")
+            hf, hf_ratio, hf_median = f"{r['hf']:.1f} tok/s", f"{r['compiled'] / r['hf']:.2f}x", f"{r['hf_median']:.1f}"
+        print(f"| {r['size']} | {r['dtype']} | {r['bytes'] / 1e6:.1f} MB | {bandwidth / 1e9:.1f} GB/s ({way}) "
+              f"| {floor:.1f} tok/s | {r['eager']:.1f} tok/s ({r['eager'] / floor:.0%}) "
+              f"| {r['compiled']:.1f} tok/s ({r['compiled'] / floor:.0%}) | {hf} | {hf_ratio} "
+              f"| {r['eager_median']:.1f} / {r['compiled_median']:.1f} / {hf_median} tok/s "
+              f"| {r.get('eager_match', '-')}, {r.get('compiled_match', '-')} |")
     sys.exit(1 if mismatch else 0)
 
 
