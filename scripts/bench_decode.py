@@ -94,16 +94,19 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> di
     size = sum(W.numel() * W.element_size() for W in own)
     copies = -(-min_bytes // size)
     matrices = own + [W.clone() for _ in range(copies - 1) for W in own]
-    xs = {K: torch.randn(1, K, dtype=own[0].dtype) for K in {W.shape[1] for W in own}}
+    # One input vector per matrix, as in the model: a vector shared by many matrices would let the
+    # compiled pass fuse their reductions into one loop over many weight streams at once, which
+    # reads memory more slowly than one stream per loop.
+    xs = [torch.randn(1, W.shape[1], dtype=W.dtype) for W in matrices]
 
     def one_by_one(matvec):
         def run():
-            for W in matrices:
-                matvec(xs[W.shape[1]], W)
+            for x, W in zip(xs, matrices):
+                matvec(x, W)
         return run
 
     def all_matrices(xs, matrices):
-        return [linear(xs[W.shape[1]], W) for W in matrices]
+        return [linear(x, W) for x, W in zip(xs, matrices)]
 
     compiled = torch.compile(all_matrices, fullgraph=True)
     ways = {"F.linear": one_by_one(F.linear), "linear": one_by_one(linear),
