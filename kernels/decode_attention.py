@@ -14,6 +14,9 @@ and the kernel is laid out so that every cached byte is read once, by a GPU that
 * Split-KV ("flash-decoding"): a row's positions are cut into `num_splits` chunks handled by
   separate programs, so that batch 1 with 8 KV heads still fills 132 SMs. Each chunk returns its
   softmax-weighted sum and the log-sum-exp of its scores; a second kernel merges the chunks.
+  The number of splits comes from shapes (the grid is fixed, so a CUDA graph can replay it), but
+  each row cuts its own visible positions, read on the device, into that many chunks: a row at
+  4k positions in a 32k cache keeps every split busy, rather than the first eighth of them.
 * Per-row lengths: a program reads only positions below input_pos[b] + 1 (and inside the window),
   so a row costs what its length costs even when the cache view `L` is much longer.
 
@@ -31,7 +34,7 @@ import triton.language as tl
 from ._common import MIN_DOT, online_softmax_update, check_attention, check_out, dot_precision, last_dim_contiguous, next_power_of_2, num_sms
 
 BLOCK_N = 64  # cache positions per loop step
-MIN_CHUNK = 256  # fewest positions worth a split of their own
+MIN_CHUNK = 256  # fewest positions worth a split of their own (in the default plan)
 MAX_SPLITS = 64  # bounds the merge kernel's [splits, D] tile
 
 
@@ -40,7 +43,7 @@ def _decode_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr,  # q [B, 1, H, D]; k, v [B, Hkv, L, D]; pos [B] int64
     out_ptr,  # [B, 1, H, D] when there is one split
     part_out_ptr, part_lse_ptr,  # [B, H, splits, D] and [B, H, splits] fp32 partial results, otherwise
-    qk_scale, window, L, chunk,  # qk_scale = log2(e) / sqrt(D); chunk = positions per split
+    qk_scale, window, L, n_splits, min_chunk,  # qk_scale = log2(e) / sqrt(D); min_chunk: fewest positions per split
     q_sb, q_sh, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, po_sb, po_sh, po_ss, pl_sb, pl_sh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -50,13 +53,17 @@ def _decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    pos = tl.load(pos_ptr + b)  # this row's query position: it sees positions 0..pos
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, tl.minimum(pos + 1, L))
+    pos = tl.load(pos_ptr + b)  # this row's query position: it sees positions first..pos
+    end = tl.minimum(pos + 1, L)
     first = 0  # the first visible position
     if HAS_WINDOW:
         first = tl.maximum(pos - window + 1, 0)
-        lo = tl.maximum(lo, first - first % BLOCK_N)  # start on a tile boundary, mask the rest
+    begin = first - first % BLOCK_N  # start on a tile boundary, mask the rest
+    # This row's visible tiles, cut into n_splits chunks of whole tiles (at least min_chunk positions,
+    # so that a short row uses fewer splits and the others find nothing to do).
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(end - begin, n_splits), BLOCK_N) * BLOCK_N, min_chunk)
+    lo = begin + split * chunk
+    hi = tl.minimum(lo + chunk, end)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -71,8 +78,8 @@ def _decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores
     l = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - m)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # running sum of exp2(score - m) * value
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
+    for tile in range(lo, hi, BLOCK_N):
+        n = tile + tl.arange(0, BLOCK_N)
         n_mask = (n < hi) & (n >= first)
         kt = tl.load(k_base + n[None, :] * k_sl + d[:, None],
                      mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
@@ -82,7 +89,7 @@ def _decode_kernel(
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
         m, l, acc = online_softmax_update(m, l, acc, s, v, PRECISION)
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty split (past the row's length) gives 0
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty split (past the row's end) gives 0
     mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))  # log2 of this split's softmax mass
@@ -116,13 +123,16 @@ def _merge_kernel(
 
 
 def plan_splits(B: int, Hkv: int, L: int, device: torch.device, num_splits: int | None, block_n: int) -> tuple[int, int]:
-    """(number of splits, positions per split). The split count depends only on shapes, never on
-    input_pos (a device tensor): reading it would cost a host sync and break graph capture."""
-    if num_splits is None:  # about two programs per SM, but no split shorter than MIN_CHUNK
-        num_splits = min(triton.cdiv(2 * num_sms(device), B * Hkv), triton.cdiv(L, MIN_CHUNK))
-    num_splits = max(1, min(num_splits, MAX_SPLITS, triton.cdiv(L, block_n)))
-    chunk = triton.cdiv(triton.cdiv(L, num_splits), block_n) * block_n  # whole tiles per split
-    return triton.cdiv(L, chunk), chunk
+    """(number of splits, fewest positions per split). Both depend only on shapes, never on
+    input_pos (a device tensor): reading it would cost a host sync and break graph capture; the
+    kernel divides each row's own length among the splits. An explicit `num_splits` is taken as
+    it is (chunks as short as one tile); the default plan aims at about two programs per SM with
+    no chunk shorter than MIN_CHUNK positions."""
+    if num_splits is None:
+        num_splits, min_chunk = min(triton.cdiv(2 * num_sms(device), B * Hkv), triton.cdiv(L, MIN_CHUNK)), MIN_CHUNK
+    else:
+        min_chunk = block_n
+    return max(1, min(num_splits, MAX_SPLITS, triton.cdiv(L, block_n))), min_chunk
 
 
 def decode_attention(
@@ -150,7 +160,7 @@ def decode_attention(
     xq, keys, values = last_dim_contiguous(xq), last_dim_contiguous(keys), last_dim_contiguous(values)
 
     group = H // Hkv
-    splits, chunk = plan_splits(B, Hkv, L, xq.device, num_splits, block_n)
+    splits, min_chunk = plan_splits(B, Hkv, L, xq.device, num_splits, block_n)
     block_d = max(next_power_of_2(D), MIN_DOT)
     if splits > 1:
         part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=xq.device)
@@ -159,7 +169,7 @@ def decode_attention(
         part_out, part_lse = out.view(B, H, 1, D), out.view(B, H, 1, D)[..., 0]
     _decode_kernel[(B, Hkv, splits)](
         xq, keys, values, input_pos, out, part_out, part_lse,
-        math.log2(math.e) / math.sqrt(D), sliding_window or 0, L, chunk,
+        math.log2(math.e) / math.sqrt(D), sliding_window or 0, L, splits, min_chunk,
         xq.stride(0), xq.stride(2), *keys.stride()[:3], *values.stride()[:3], out.stride(0), out.stride(2),
         *part_out.stride()[:3], *part_lse.stride()[:2],
         GROUP=group, HEAD_DIM=D,
