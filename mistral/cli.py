@@ -271,9 +271,13 @@ def _sampling(a) -> dict:
 def _load(a, max_batch: int = 1):
     from .generate import Mistral
 
-    return Mistral.from_pretrained(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels,
-                                   max_batch=max_batch, max_seq_len=a.max_seq_len, compile=a.compile,
-                                   quiet=not a.verbose)
+    llm = Mistral.from_pretrained(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels,
+                                  max_batch=max_batch, max_seq_len=a.max_seq_len, compile=a.compile,
+                                  quiet=not a.verbose)
+    if a.compile:
+        print("compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
+        llm.warm_up()
+    return llm
 
 
 def _print_stream(chunks) -> dict | None:
@@ -467,6 +471,9 @@ def cmd_serve(a) -> None:
         llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, max_batch=a.max_batch,
                                       max_seq_len=a.max_seq_len, model_name=a.served_model_name,
                                       fixed_batch_shape=True, max_waiting=a.max_queue, compile=a.compile)
+        if a.compile:
+            print("mistral serve: compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
+            llm.warm_up()
         print(f"mistral serve: {llm.model_name} is ready at {url}", file=sys.stderr, flush=True)
         return llm
 

@@ -114,6 +114,12 @@ class Mistral:
             self._thread = threading.Thread(target=self.engine.serve_forever, args=(self._stop,), name="mistral-engine", daemon=True)
             self._thread.start()
 
+    def warm_up(self) -> None:
+        """Generate two tokens and throw them away, so that what the first decode step prepares
+        (the compilation of `compile=True`, CUDA graph capture, first-call allocations) is done
+        before the first real request. Call it before `start()`."""
+        self.create_completion("warm-up", max_tokens=2, temperature=0.0, ignore_eos=True)
+
     def stop(self) -> None:
         if self._thread is not None:
             self._stop.set()

@@ -5,6 +5,8 @@ Each test compiles for real (inductor, C++ on this CPU), so the shapes are kept 
 """
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,3 +107,15 @@ def test_a_failing_compiled_step_falls_back_to_eager(weights, caplog):
     assert completion["choices"][0]["message"] == eager["choices"][0]["message"]
     assert llm.engine.decode_forward is llm.model
     assert "decoding eagerly from now on" in caplog.text and "InvalidCxxCompiler" in caplog.text
+
+
+def test_cli_generate_with_compile_prints_what_eager_prints(weights):
+    def generate(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mistral.cli", "generate", str(weights), "--device", "cpu",
+                               "--max-seq-len", str(SEQ), "--prompt", "Name a river.", "--max-tokens", "8",
+                               "--temperature", "0", *flags], capture_output=True, text=True, timeout=300)
+
+    eager, compiled = generate(), generate("--compile")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert eager.stdout.strip() and compiled.stdout == eager.stdout
+    assert "compiling the decode step" in compiled.stderr
