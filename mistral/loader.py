@@ -217,6 +217,8 @@ def load_model(
                     )
                 if not tensor.is_floating_point():
                     raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
+                if not state:  # the first tensor tells the file's dtype: will the copies fit?
+                    _check_memory(ckpt.folder, expected, tensor.dtype, dtype or tensor.dtype, device)
                 if ckpt.format == HF and name.endswith(("attention.wq.weight", "attention.wk.weight")):
                     n = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
                     tensor = unpermute_from_hf(tensor, n)
@@ -246,6 +248,37 @@ def load_model(
     model.eval()
     log.info("loaded %s (%s format, %d tensors) on %s", ckpt.folder, ckpt.format, len(state), device)
     return model
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, or None when this platform does not say."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+def _check_memory(folder: Path, shapes: dict[str, tuple[int, ...]], file_dtype: torch.dtype,
+                  dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before reading anything, to load a model whose weights cannot fit where they go,
+    rather than let the operating system kill the process half-way. On the CPU in the file's own
+    dtype the weights map the file and need no memory of their own, so there is nothing to check."""
+    if device.type == "cpu" and dtype == file_dtype:
+        return
+    available = _available_memory(device)
+    needed = sum(torch.Size(shape).numel() for shape in shapes.values()) * dtype.itemsize
+    if available is not None and needed > available:
+        hint = " (bfloat16 takes half as much)" if dtype == torch.float32 else ""
+        raise CheckpointError(
+            f"{folder}: the weights take {needed / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} on {device}, "
+            f"but only {available / 2**30:.1f} GiB is available there; choose a smaller dtype{hint}, or another device"
+        )
 
 
 _DTYPES = {

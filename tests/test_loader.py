@@ -170,6 +170,20 @@ def test_index_lists_a_missing_shard(tmp_path):
         load_model(sharded)
 
 
+def test_weights_that_cannot_fit_are_refused_before_loading(consolidated, monkeypatch):
+    """A conversion that needs more memory than there is gets a clear error, not the OOM killer.
+    (The machine's free memory is what is faked here; the checkpoint and the loader are real.)"""
+    import mistral.loader
+
+    n = sum(p.numel() for p in load_model(consolidated).parameters())  # fp32 on the CPU: maps the file
+    monkeypatch.setattr(mistral.loader, "_available_memory", lambda device: 3 * n)  # bytes; bf16 needs 2n
+    assert load_model(consolidated, dtype="bfloat16").output.weight.dtype == torch.bfloat16
+    monkeypatch.setattr(mistral.loader, "_available_memory", lambda device: n)
+    with pytest.raises(CheckpointError, match=r"in bfloat16 on cpu, but only .* GiB is available"):
+        load_model(consolidated, dtype="bfloat16")
+    assert load_model(consolidated).output.weight.dtype == torch.float32  # the file's own dtype needs no copy
+
+
 def test_the_defaults_of_transformers_are_not_used():
     """v0.3's figures, which MistralConfig's defaults get wrong, come from the preset / file."""
     args = preset("7b-v0.3")
