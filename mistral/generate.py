@@ -140,8 +140,12 @@ class Mistral:
         job = self._chat_job(messages, stream=stream, **params)
         return self._stream(job) if stream else _last(self._stream(job))
 
-    def create_completion(self, prompt: str, *, stream: bool = False, **params) -> dict | Iterator[dict]:
-        """A `text_completion` for plain text (BOS + the prompt; no chat format)."""
+    def create_completion(self, prompt: str | list, *, stream: bool = False, **params) -> dict | Iterator[dict]:
+        """A `text_completion` for plain text (BOS + the prompt; no chat format).
+
+        As in OpenAI's API, `prompt` may also be a list of strings, a list of token ids (used as
+        they are, no BOS added), or a list of such lists: each prompt gets `n` choices, numbered
+        prompt by prompt (choice `p * n + i` is sample i of prompt p)."""
         job = self._text_job(prompt, stream=stream, **params)
         return self._stream(job) if stream else _last(self._stream(job))
 
@@ -150,7 +154,7 @@ class Mistral:
         job = self._chat_job(messages, stream=stream, **params)
         return self._astream(job) if stream else await _alast(self._astream(job))
 
-    async def acreate_completion(self, prompt: str, *, stream: bool = False, **params):
+    async def acreate_completion(self, prompt: str | list, *, stream: bool = False, **params):
         job = self._text_job(prompt, stream=stream, **params)
         return self._astream(job) if stream else await _alast(self._astream(job))
 
@@ -163,23 +167,51 @@ class Mistral:
         if mode == "function":
             prompt_tools = [t for t in tools if t.get("function", {}).get("name") == name]
         prompt = encode_chat(tok, messages, tools=prompt_tools)
-        gen, opts = self._params(len(prompt), **params)
+        gen, opts = self._params(len(prompt), "messages", **params)
         if mode == "none" and tools:  # the tools stay in the prompt, but the model may not call them
             gen = dataclasses.replace(gen, logit_bias={**(gen.logit_bias or {}), tok.tool_calls_id: -math.inf})
         elif mode in ("required", "function"):  # the answer starts with [TOOL_CALLS]
             gen = dataclasses.replace(gen, first_token=tok.tool_calls_id)
-        return _Job(self, "chat", prompt, gen, tools_enabled=bool(tools) and mode != "none", **opts)
+        return _Job(self, "chat", [prompt], gen, tools_enabled=bool(tools) and mode != "none", **opts)
 
     def _text_job(self, prompt, *, model=None, **params) -> "_Job":
-        if not isinstance(prompt, str):
-            raise RequestError("prompt must be a string", param="prompt")
-        ids = self.tokenizer.encode(prompt, bos=True)
-        gen, opts = self._params(len(ids), **params)
-        return _Job(self, "text", ids, gen, tools_enabled=False, **opts)
+        prompts = self._text_prompts(prompt)
+        gen, opts = self._params(max(len(ids) for ids in prompts), "prompt", **params)
+        if len(prompts) * opts["n"] > MAX_N:
+            raise RequestError(f"{len(prompts)} prompts x n={opts['n']} asks for {len(prompts) * opts['n']} choices; "
+                               f"at most {MAX_N} per request", param="prompt")
+        return _Job(self, "text", prompts, gen, tools_enabled=False, **opts)
+
+    def _text_prompts(self, prompt) -> list[list[int]]:
+        """The prompt ids of each prompt in a completions request: a string (encoded with BOS), a list
+        of token ids (as they are), or a non-empty list of either."""
+        def is_ids(x) -> bool:
+            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(prompt, str) or is_ids(prompt):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise RequestError("prompt must be a string, a list of token ids, or a non-empty list of either",
+                               param="prompt", code="invalid_type")
+        prompts = []
+        vocab = self.model.args.vocab_size
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                prompts.append(self.tokenizer.encode(p, bos=True))
+            elif is_ids(p):
+                bad = next((t for t in p if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param=f"prompt[{i}]")
+                prompts.append(list(p))
+            else:
+                raise RequestError("each prompt must be a string or a non-empty list of token ids", param=f"prompt[{i}]",
+                                   code="invalid_type")
+        return prompts
 
     def _params(
         self,
         prompt_len: int,
+        prompt_param: str,  # the request field that holds the prompt: "messages" or "prompt"
         *,
         stream: bool = False,
         stream_options: dict | None = None,
@@ -242,7 +274,7 @@ class Mistral:
         if room <= 0:
             raise RequestError(
                 f"the prompt has {prompt_len} tokens, but this model's context holds {self.max_seq_len}: "
-                "shorten the messages", param="messages", code="context_length_exceeded")
+                f"shorten the {prompt_param}", param=prompt_param, code="context_length_exceeded")
         limit = room if limit is None else min(_integer(param, limit, 1, None), room)
         if min_tokens > limit:
             raise RequestError(f"min_tokens ({min_tokens}) is larger than max_tokens ({limit})", param="min_tokens")
@@ -326,15 +358,15 @@ class _Choice:
 
 
 class _Job:
-    """One request: n engine sequences and the chunks made from their events."""
+    """One request: n engine sequences per prompt, and the chunks made from their events."""
 
-    def __init__(self, llm: Mistral, kind: str, prompt: list[int], gen: GenerationParams, *, tools_enabled: bool,
-                 n: int, stop: list[str], stream: bool, include_usage: bool):
-        self.llm, self.kind, self.prompt, self.gen = llm, kind, prompt, gen
+    def __init__(self, llm: Mistral, kind: str, prompts: list[list[int]], gen: GenerationParams, *,
+                 tools_enabled: bool, n: int, stop: list[str], stream: bool, include_usage: bool):
+        self.llm, self.kind, self.prompts, self.gen = llm, kind, prompts, gen
         self.tools_enabled, self.n, self.stop, self.stream, self.include_usage = tools_enabled, n, stop, stream, include_usage
         self.id = ("chat-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.choices = [_Choice(self, i) for i in range(n)]
+        self.choices = [_Choice(self, i) for i in range(len(prompts) * n)]  # choice p * n + i: sample i of prompt p
 
     @property
     def done(self) -> bool:
@@ -343,9 +375,10 @@ class _Job:
     def submit(self, emit) -> list:
         seqs = []
         try:
-            for i in range(self.n):
+            for k in range(len(self.choices)):
+                prompt, i = self.prompts[k // self.n], k % self.n
                 gen = self.gen if self.gen.seed is None else dataclasses.replace(self.gen, seed=self.gen.seed + i)
-                seqs.append(self.llm.engine.add(self.prompt, gen, lambda ev, i=i: emit(i, ev)))
+                seqs.append(self.llm.engine.add(prompt, gen, lambda ev, k=k: emit(k, ev)))
         except QueueFull as e:
             for seq in seqs:
                 self.llm.engine.cancel(seq)
@@ -461,8 +494,8 @@ class _Job:
 
     def _usage(self) -> dict:
         completion = sum(c.tokens for c in self.choices)
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": completion,
-                "total_tokens": len(self.prompt) + completion,
+        prompt = sum(len(ids) for ids in self.prompts)  # each prompt counted once, whatever n is
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": None, "completion_tokens_details": None}
 
     def _token_text(self, token: int) -> tuple[str, list[int]]:

@@ -110,7 +110,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str
+    prompt: Any  # a string, token ids, or a list of either: checked in generate.py, which names the bad one
     logprobs: int | None = None  # the legacy API's: how many alternatives to list per token
 
     def params(self) -> dict:

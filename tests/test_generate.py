@@ -116,6 +116,36 @@ def test_text_completion_greedy_equals_transformers(llm, oracle):
     assert text["choices"][0]["text"] == llm.tokenizer.decode(expected)
 
 
+def test_completion_of_several_prompts_and_of_token_ids(llm):
+    """prompt as a list: n choices per prompt, numbered prompt by prompt, each what the prompt alone gives;
+    token ids are taken as they are (no BOS added)."""
+    one = {p: llm.create_completion(p, max_tokens=6, temperature=0, ignore_eos=True) for p in ("Once upon", "The river")}
+    both = llm.create_completion(["Once upon", "The river"], n=2, max_tokens=6, temperature=0, ignore_eos=True)
+    Completion.model_validate(both)
+    assert [c["index"] for c in both["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in both["choices"]] == [one["Once upon"]["choices"][0]["text"]] * 2 + \
+        [one["The river"]["choices"][0]["text"]] * 2
+    assert both["usage"]["prompt_tokens"] == sum(one[p]["usage"]["prompt_tokens"] for p in one)  # once per prompt
+    assert both["usage"]["completion_tokens"] == 4 * 6
+
+    ids = llm.tokenizer.encode("Once upon", bos=True)
+    by_ids = llm.create_completion(ids, max_tokens=6, temperature=0, ignore_eos=True)
+    assert by_ids["choices"][0]["text"] == one["Once upon"]["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == len(ids)
+    streamed = list(llm.create_completion([ids[1:], "The river"], max_tokens=6, temperature=0, ignore_eos=True, stream=True))
+    texts = {0: "", 1: ""}
+    for chunk in streamed:
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["text"]
+    assert texts[1] == one["The river"]["choices"][0]["text"]  # ids[1:] has no BOS: a different prompt, any text
+
+    for bad, param in (([], "prompt"), (["a", 5], "prompt[1]"), ([[1, 2], []], "prompt[1]"), ([1, 10**9], "prompt[0]"),
+                       ([True, 2], "prompt[0]"), (["x"] * 17, "prompt")):
+        with pytest.raises(RequestError) as e:
+            llm.create_completion(bad, max_tokens=2)
+        assert e.value.param == param, (bad, e.value.param, e.value.message)
+
+
 def test_streamed_content_equals_non_streamed(llm):
     full = llm.create_chat_completion(MESSAGES, max_tokens=25, temperature=0)
     chunks = list(llm.create_chat_completion(MESSAGES, max_tokens=25, temperature=0, stream=True))

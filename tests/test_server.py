@@ -287,6 +287,10 @@ def test_text_completions(client, library):
     assert chunks[-1].choices[0].finish_reason == "length"
     # the legacy endpoint's default max_tokens is 16
     assert client.completions.create(model=MODEL, prompt="Hello", temperature=0).usage.completion_tokens <= 16
+    # several prompts in one request, as the openai client sends them: one choice per prompt, in order
+    many = client.completions.create(model=MODEL, prompt=["Once upon a time", "Hello"], max_tokens=10, temperature=0)
+    Completion.model_validate(many.to_dict())
+    assert [c.index for c in many.choices] == [0, 1] and many.choices[0].text == expected["choices"][0]["text"]
 
 
 CURL = """curl -sS "$BASE/chat/completions" \\
@@ -474,7 +478,10 @@ BAD = [  # (name, path, body (bytes or JSON), headers beyond the key, status, pa
      "stream_options", None),
     ("prompt too long", CHAT, {**GOOD, "messages": [{"role": "user", "content": "hello " * 400}]}, {}, 400,
      "messages", "context_length_exceeded"),
-    ("text prompt a list", TEXT, {"model": MODEL, "prompt": ["a", "b"]}, {}, 400, "prompt", "invalid_type"),
+    ("text prompt a bad list", TEXT, {"model": MODEL, "prompt": ["a", {"b": 1}]}, {}, 400, "prompt[1]", "invalid_type"),
+    ("text prompt an object", TEXT, {"model": MODEL, "prompt": {"text": "a"}}, {}, 400, "prompt", "invalid_type"),
+    ("text prompt too long", TEXT, {"model": MODEL, "prompt": "hello " * 400}, {}, 400, "prompt",
+     "context_length_exceeded"),
     ("unknown model", CHAT, {**GOOD, "model": "gpt-4o"}, {}, 404, "model", "model_not_found"),
     ("unknown model, text", TEXT, {"model": "gpt-4o", "prompt": "x"}, {}, 404, "model", "model_not_found"),
     ("no key", CHAT, GOOD, {"Authorization": ""}, 401, None, None),
