@@ -15,8 +15,9 @@ and the kernel is laid out so that every cached byte is read once, by a GPU that
   separate programs, so that batch 1 with 8 KV heads still fills 132 SMs. Each chunk returns its
   softmax-weighted sum and the log-sum-exp of its scores; a second kernel merges the chunks.
   The number of splits comes from shapes (the grid is fixed, so a CUDA graph can replay it), but
-  each row cuts its own visible positions, read on the device, into that many chunks: a row at
-  4k positions in a 32k cache keeps every split busy, rather than the first eighth of them.
+  each row cuts its own visible positions, read on the device, into that many chunks (of at least
+  MIN_CHUNK positions in the default plan): at batch 1 on an H100, a row at 4k positions in a 32k
+  cache keeps 16 of the 33 splits busy, where cutting the whole cache view kept 4.
 * Per-row lengths: a program reads only positions below input_pos[b] + 1 (and inside the window),
   so a row costs what its length costs even when the cache view `L` is much longer.
 

@@ -282,18 +282,32 @@ class Engine:
         there) do this job.
         """
         if self.model.ops.name != "torch":
-            raise ValueError(f"compile=True compiles the PyTorch ops; this model uses kernels={self.model.ops.name!r} "
-                             "(on CUDA the Triton kernels run with cuda_graphs instead)")
+            raise ValueError(f"compile=True (--compile) compiles the PyTorch ops; this model uses kernels="
+                             f"{self.model.ops.name!r}: load it with kernels='torch' (--kernels torch), or leave "
+                             "compile off on CUDA, where the Triton kernels run with CUDA graphs")
         # realize_opcount_threshold=0: store each intermediate rather than recompute it inside its
         # consumers. Otherwise inductor inlines an RMSNorm (its rsqrt included) into the inner loop
         # of the next mat-vec, once per weight row; storing it made decode steps 5-25% faster here.
         return torch.compile(self.model, dynamic=True, fullgraph=True, options={"realize_opcount_threshold": 0})
 
+    def warm_up_batches(self) -> list[int]:
+        """Decode batch sizes that each need their own preparation: one per compiled graph (batch 1,
+        2-4 rows, more: see `linear` in model.py) or per CUDA graph bucket; with a fixed batch shape,
+        only the full batch."""
+        if self.fixed_batch_shape:
+            return [self.max_batch]
+        if self.graphs is not None:
+            from .cuda_graphs import batch_buckets
+
+            return list(batch_buckets(self.max_batch))
+        return sorted({min(rows, self.max_batch) for rows in (1, 2, 5)})
+
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         """The decode step's forward; a compiled one that fails (no C++ compiler, too many
-        recompilations in this process, ...) is dropped for the eager model, with a warning. Before
-        it runs, a compiled step fails as a whole; after a partial run, the eager rerun writes the
-        same cache positions again."""
+        recompilations in this process, but also an error the eager model would raise too, such as
+        running out of memory) is dropped for the eager model for good, with a warning. Before it
+        runs, a compiled step fails as a whole; after a partial run, the eager rerun writes the same
+        cache positions again."""
         try:
             return self.decode_forward(tokens, pos, cache)
         except Exception as e:

@@ -115,10 +115,19 @@ class Mistral:
             self._thread.start()
 
     def warm_up(self) -> None:
-        """Generate two tokens and throw them away, so that what the first decode step prepares
-        (the compilation of `compile=True`, CUDA graph capture, first-call allocations) is done
-        before the first real request. Call it before `start()`."""
-        self.create_completion("warm-up", max_tokens=2, temperature=0.0, ignore_eos=True)
+        """Generate a few tokens and throw them away, so that what a decode step prepares on first
+        use (the compilations of `compile=True`, CUDA graph capture, first-call allocations) is done
+        before the first real request: at every batch size that needs its own preparation (see
+        `Engine.warm_up_batches`). Call it before `start()`."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up() runs the engine on the calling thread: call it before start()")
+        prompt = self.tokenizer.encode("warm-up", bos=True)
+        params = GenerationParams(max_tokens=2, temperature=0.0, ignore_eos=True)  # a prefill, then one decode step
+        for rows in self.engine.warm_up_batches():
+            for _ in range(rows):
+                self.engine.add(prompt, params, lambda event: None)
+            while self.engine.has_work():
+                self.engine.step()
 
     def stop(self) -> None:
         if self._thread is not None:

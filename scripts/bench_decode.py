@@ -108,7 +108,7 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> di
     def all_matrices(xs, matrices):
         return [linear(x, W) for x, W in zip(xs, matrices)]
 
-    compiled = torch.compile(all_matrices, fullgraph=True)
+    compiled = torch.compile(all_matrices, fullgraph=True, dynamic=False)  # static shapes for every model
     ways = {"F.linear": one_by_one(F.linear), "linear": one_by_one(linear),
             "compiled": lambda: compiled(xs, matrices)}
     rates = {}

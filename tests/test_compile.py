@@ -5,6 +5,8 @@ Each test compiles for real (inductor, C++ on this CPU), so the shapes are kept 
 """
 
 import copy
+import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +18,9 @@ from mistral.args import preset
 from mistral.engine import Engine
 from mistral.loader import load_model
 from mistral.make_random import make_random
+
+if not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+    pytest.skip("torch.compile on the CPU needs a C++ compiler, and this machine has none", allow_module_level=True)
 
 SEQ = 128  # one model length everywhere: the rotary tables' size is part of what a compilation assumes
 MESSAGES = [{"role": "user", "content": "Name three rivers."}]
@@ -118,4 +123,20 @@ def test_cli_generate_with_compile_prints_what_eager_prints(weights):
     eager, compiled = generate(), generate("--compile")
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
     assert eager.stdout.strip() and compiled.stdout == eager.stdout
-    assert "compiling the decode step" in compiled.stderr
+    assert "compiling the decode step" in compiled.stderr and "decoding eagerly" not in compiled.stderr
+
+
+def test_warm_up_decodes_at_each_batch_size_that_compiles_apart(weights):
+    llm = Mistral.from_pretrained(weights, device="cpu", kernels="torch", max_batch=3, max_seq_len=SEQ, quiet=True,
+                                  compile=True)
+    assert llm.engine.warm_up_batches() == [1, 2, 3]
+    llm.warm_up()
+    assert llm.engine.steps == 3 and not llm.engine.has_work() and llm.engine.decode_forward is not llm.model
+    llm.start()
+    try:
+        with pytest.raises(RuntimeError, match="before start"):
+            llm.warm_up()
+    finally:
+        llm.stop()
+    fixed = Engine(llm.model, max_batch=6, max_seq_len=SEQ, fixed_batch_shape=True)
+    assert fixed.warm_up_batches() == [6] and Engine(llm.model, max_batch=9).warm_up_batches() == [1, 2, 5]

@@ -183,6 +183,23 @@ def test_decode_attention(L, window, num_splits, dtype):
     assert_close(out, reference_attention(xq, clean_k, clean_v, input_pos, window), dtype)
 
 
+@pytest.mark.parametrize("window", [None, 100])
+def test_decode_attention_default_plan_on_a_large_gpu(monkeypatch, window):
+    """The default split plan as a 132-SM GPU gets it (on the CPU there is "one SM", so one split): many
+    splits over a long cache view, rows far shorter than it, chunks of at least MIN_CHUNK positions,
+    so that a short row leaves most splits empty."""
+    import kernels.decode_attention as module
+
+    monkeypatch.setattr(module, "num_sms", lambda device: 132)
+    B, H, Hkv, D, L = 3, 4, 2, 16, 1100
+    assert module.plan_splits(B, Hkv, L, torch.device(DEVICE), None, 16) == (5, module.MIN_CHUNK)
+    input_pos = torch.tensor([L - 1, 300, 5], device=DEVICE)  # 5, 2 and 1 busy splits
+    keys, values, clean_k, clean_v = cache_views(B, Hkv, L, D, torch.float32, visible_end=input_pos + 1)
+    xq = randn(B, 1, H, D, seed=9)
+    out = decode_attention(xq, keys, values, input_pos, window, out=poisoned(xq.shape, torch.float32), block_n=16)
+    assert_close(out, reference_attention(xq, clean_k, clean_v, input_pos, window), torch.float32)
+
+
 @pytest.mark.parametrize("H, Hkv, D", [(4, 4, 16), (6, 2, 24), (16, 1, 16)])  # GQA groups 1, 3 (odd head_dim), 16
 def test_decode_attention_head_groups(H, Hkv, D):
     B, L = 2, 40
