@@ -144,7 +144,9 @@ class Mistral:
         Parameters as OpenAI's: tools, tool_choice, max_tokens (or max_completion_tokens),
         temperature, top_p, presence_penalty, frequency_penalty, stop, seed, n, logprobs,
         top_logprobs, logit_bias, stream_options; and as vLLM's: top_k, min_p, repetition_penalty,
-        ignore_eos, min_tokens. Bad values raise RequestError naming the parameter.
+        ignore_eos, min_tokens, continue_final_message (the last message is an assistant message whose
+        text the model continues; the answer holds only the continuation). Bad values raise
+        RequestError naming the parameter.
         """
         job = self._chat_job(messages, stream=stream, **params)
         return self._stream(job) if stream else _last(self._stream(job))
@@ -169,13 +171,18 @@ class Mistral:
 
     # --- building jobs ---------------------------------------------------------------------------------
 
-    def _chat_job(self, messages, *, tools=None, tool_choice=None, model=None, **params) -> "_Job":
+    def _chat_job(self, messages, *, tools=None, tool_choice=None, continue_final_message=False, model=None,
+                  **params) -> "_Job":
         tok = self.tokenizer
         mode, name = read_tool_choice(tool_choice, tools)  # "none" | "auto" | "required" | "function"
         prompt_tools = tools
         if mode == "function":
             prompt_tools = [t for t in tools if t.get("function", {}).get("name") == name]
-        prompt = encode_chat(tok, messages, tools=prompt_tools)
+        continue_final_message = bool(_boolean("continue_final_message", continue_final_message))
+        if continue_final_message and mode in ("required", "function"):
+            raise RequestError(f"tool_choice {mode!r} starts a new answer with a tool call; it cannot continue "
+                               "the final message", param="continue_final_message")
+        prompt = encode_chat(tok, messages, tools=prompt_tools, continue_final_message=continue_final_message)
         gen, opts = self._params(len(prompt), "messages", **params)
         if mode == "none" and tools:  # the tools stay in the prompt, but the model may not call them
             gen = dataclasses.replace(gen, logit_bias={**(gen.logit_bias or {}), tok.tool_calls_id: -math.inf})

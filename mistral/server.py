@@ -103,6 +103,7 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    continue_final_message: bool | None = None  # vLLM's: continue the last (assistant) message's text
 
     def params(self) -> dict:
         """The keyword arguments of `Mistral.acreate_chat_completion`; null means "the default"."""

@@ -146,6 +146,25 @@ def test_completion_of_several_prompts_and_of_token_ids(llm):
         assert e.value.param == param, (bad, e.value.param, e.value.message)
 
 
+def test_continue_final_message(llm):
+    """The answer continues the last assistant message: the prompt is mistral-common's prefix encoding
+    (checked against mistral-common in test_prompt.py), and the content is only the continuation."""
+    messages = [{"role": "user", "content": "Write a haiku."}, {"role": "assistant", "content": "Autumn moonlight"}]
+    ids = encode_chat(llm.tokenizer, messages, continue_final_message=True)
+    out = llm.create_chat_completion(messages, continue_final_message=True, max_tokens=8, temperature=0, ignore_eos=True)
+    ChatCompletion.model_validate(out)
+    same = llm.create_completion(ids, max_tokens=8, temperature=0, ignore_eos=True)
+    assert out["usage"]["prompt_tokens"] == len(ids) and out["usage"]["completion_tokens"] == 8
+    assert out["choices"][0]["message"]["content"] == same["choices"][0]["text"]
+    for kwargs, param in (({}, "messages[1].role"), ({"continue_final_message": "yes"}, "continue_final_message"),
+                          ({"continue_final_message": True, "tool_choice": "required",
+                            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+                           "continue_final_message")):
+        with pytest.raises(RequestError) as e:
+            llm.create_chat_completion(messages, max_tokens=2, **kwargs)
+        assert e.value.param == param, (kwargs, e.value.param, e.value.message)
+
+
 def test_streamed_content_equals_non_streamed(llm):
     full = llm.create_chat_completion(MESSAGES, max_tokens=25, temperature=0)
     chunks = list(llm.create_chat_completion(MESSAGES, max_tokens=25, temperature=0, stream=True))

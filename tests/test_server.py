@@ -271,6 +271,16 @@ def test_async_client_usage_and_tools(base, reference_tokenizer):
     assert forced.choices[0].finish_reason in ("tool_calls", "stop", "length")
 
 
+def test_continue_final_message(client, library):
+    messages = [{"role": "user", "content": "Write a haiku."}, {"role": "assistant", "content": "Autumn moonlight"}]
+    with one_thread():
+        expected = library.create_chat_completion(messages, continue_final_message=True, max_tokens=8, temperature=0)
+    res = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                         extra_body={"continue_final_message": True})
+    assert res.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert res.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+
+
 def test_text_completions(client, library):
     with one_thread():
         expected = library.create_completion("Once upon a time", max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
