@@ -27,9 +27,10 @@ In bf16 the two round differently and may part ways after a near-tie; that is on
     python scripts/bench_decode.py [--cache weights/bench] [--sizes small 0.5b] [--dtypes float32 bfloat16]
 
 The random checkpoints (fp32; 0.07 GB and 2 GB per format) are written under --cache if absent.
-The run takes 6-8 minutes on a 2-core machine (compilations included). Busy neighbours slow every column, and with
-torch's 2 threads a busy second core stalls each parallel region: run it on an idle machine (the
-load average is printed at the start and the end). Ours (both) and transformers run alternately.
+The run takes 6-8 minutes on a 2-core machine (compilations included). Busy neighbours slow every
+column, and with torch's 2 threads a busy second core stalls each parallel region: run it on an idle
+machine (the load average is printed at the start and the end). Ours (both ways) and transformers
+run alternately.
 """
 
 from __future__ import annotations
