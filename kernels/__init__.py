@@ -27,10 +27,10 @@ def _triton_ops():
     from .rope import apply_rotary_emb, apply_rotary_emb_to_cache
     from .swiglu import silu_mul
 
-    def attention(xq, keys, values, input_pos, sliding_window, *, out=None):
+    def attention(xq, keys, values, input_pos, sliding_window):
         """[B, T, H, D] queries over the [B, Hkv, L, D] cache: decode kernel for T = 1, prefill otherwise."""
-        kernel = decode_attention if xq.dim() == 4 and xq.shape[1] == 1 else prefill_attention
-        return kernel(xq, keys, values, input_pos, sliding_window, out=out)
+        kernel = decode_attention if xq.dim() == 4 and xq.shape[1] == 1 else prefill_attention  # both check shapes
+        return kernel(xq, keys, values, input_pos, sliding_window)
 
     return Ops("triton", rms_norm, add_rms_norm, apply_rotary_emb, attention, silu_mul,
                rotary_emb_to_cache=apply_rotary_emb_to_cache)

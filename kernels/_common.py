@@ -100,6 +100,19 @@ def num_sms(device: torch.device) -> int:
 next_power_of_2 = triton.next_power_of_2
 
 
+def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """t must have ref's dtype and device."""
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"{name} ({t.dtype} on {t.device}) must match {ref_name} ({ref.dtype} on {ref.device})")
+
+
+def check_positions(input_pos: torch.Tensor, B: int, device: torch.device) -> None:
+    """input_pos: [B] int64 on `device`, the first new token's position in each row."""
+    check_shape("input_pos", input_pos, (B,))
+    if input_pos.dtype != torch.int64 or input_pos.device != device:
+        raise ValueError(f"input_pos must be int64 on {device}, got {input_pos.dtype} on {input_pos.device}")
+
+
 def check_attention(xq, keys, values, input_pos, sliding_window) -> None:
     """The arguments of `attention(xq, keys, values, input_pos, sliding_window)`, checked."""
     check_float("xq", xq)
@@ -113,12 +126,9 @@ def check_attention(xq, keys, values, input_pos, sliding_window) -> None:
         raise ValueError(f"xq has {H} heads, which is not a multiple of the {Hkv} key/value heads")
     if L == 0:
         raise ValueError("keys and values hold no positions (L = 0)")
-    for name, t in (("keys", keys), ("values", values)):
-        if t.dtype != xq.dtype or t.device != xq.device:
-            raise ValueError(f"{name} ({t.dtype} on {t.device}) must match xq ({xq.dtype} on {xq.device})")
-    check_shape("input_pos", input_pos, (B,))
-    if input_pos.dtype != torch.int64 or input_pos.device != xq.device:
-        raise ValueError(f"input_pos must be int64 on {xq.device}, got {input_pos.dtype} on {input_pos.device}")
+    check_like("keys", keys, "xq", xq)
+    check_like("values", values, "xq", xq)
+    check_positions(input_pos, B, xq.device)
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
                                        or sliding_window <= 0):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_float, check_out, check_shape, last_dim_contiguous, next_power_of_2
+from ._common import (check_device, check_float, check_like, check_out, check_positions, check_shape,
+                      last_dim_contiguous, next_power_of_2)
 
 BLOCK_H = 4  # heads per program: at head_dim 128, 1 KiB of bf16 in and out per program
 
@@ -92,8 +93,7 @@ def _check(xq, xk, cos, sin):
     if D % 2:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {D}")
     check_shape("xk", xk, (B, T, None, D))
-    if xk.dtype != xq.dtype or xk.device != xq.device:
-        raise ValueError(f"xk ({xk.dtype} on {xk.device}) must match xq ({xq.dtype} on {xq.device})")
+    check_like("xk", xk, "xq", xq)
     for name, t in (("cos", cos), ("sin", sin)):
         check_shape(name, t, (B, T, D // 2))
         if t.dtype != torch.float32 or t.device != xq.device:
@@ -165,11 +165,8 @@ def apply_rotary_emb_to_cache(
         if cache.shape[0] < B or cache.dtype != xk.dtype or cache.device != xk.device or cache.stride(-1) != 1:
             raise ValueError(f"{name} must hold at least {B} rows of {xk.dtype} on {xk.device} with a "
                              f"contiguous last dimension, got {cache.dtype} {list(cache.shape)} on {cache.device}")
-    if xv.dtype != xk.dtype or xv.device != xk.device:
-        raise ValueError(f"xv ({xv.dtype} on {xv.device}) must match xk ({xk.dtype} on {xk.device})")
-    check_shape("input_pos", input_pos, (B,))
-    if input_pos.dtype != torch.int64 or input_pos.device != xq.device:
-        raise ValueError(f"input_pos must be int64 on {xq.device}, got {input_pos.dtype} on {input_pos.device}")
+    check_like("xv", xv, "xk", xk)
+    check_positions(input_pos, B, xq.device)
     out_q = check_out("out_q", out_q, xq.shape, xq.dtype, xq.device)
 
     def slot_strides(cache):  # (batch, position, head): a token's slot is cache[b, :, pos + t]
