@@ -203,22 +203,19 @@ def cmd_inspect(a) -> None:
     layers = parse_indices(a.layers, args.n_layers, "layers")
     heads = parse_indices(a.heads, args.n_heads, "heads")
     tokenizer = None
-    if a.prompt is not None or a.chat:
+    try:
         tokenizer = Tokenizer.from_path(a.weights)
-    else:
-        try:
-            tokenizer = Tokenizer.from_path(a.weights)
-        except MistralError:  # token ids alone can be inspected; they are labelled by number
-            pass
+    except MistralError:
+        if a.tokens is None:
+            raise
+        # token ids alone can be inspected; they are labelled by number
     if a.tokens is not None:
         if a.chat:
             raise MistralError("--chat wraps a --prompt; it cannot be combined with --tokens")
         ids = parse_token_ids(a.tokens)
     elif a.chat:
-        try:
-            from .prompt import encode_chat
-        except ImportError:
-            raise MistralError("--chat needs mistral/prompt.py (the v3 prompt format), which this checkout lacks") from None
+        from .prompt import encode_chat
+
         ids = encode_chat(tokenizer, [{"role": "user", "content": a.prompt}])
     else:
         ids = tokenizer.encode(a.prompt, bos=True)

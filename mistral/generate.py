@@ -31,7 +31,7 @@ import torch
 from .engine import Engine, FinishEvent, GenerationParams, QueueFull, TokenEvent
 from .errors import RequestError
 from .prompt import encode_chat, parse_tool_calls, read_tool_choice
-from .tokenizer import StreamingDetokenizer, Tokenizer
+from .tokenizer import StreamingDetokenizer, Tokenizer, check_stop_strings
 
 MAX_STOP_STRINGS = 4
 MAX_N = 16
@@ -567,16 +567,11 @@ def _boolean(name: str, value):
 
 
 def _stop_strings(stop) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list):
+    if stop is not None and not isinstance(stop, (str, list)):
         raise RequestError("stop must be a string or a list of strings", param="stop")
+    stops = check_stop_strings(stop)
     if len(stops) > MAX_STOP_STRINGS:
         raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
-    for i, s in enumerate(stops):
-        if not isinstance(s, str) or not s:
-            raise RequestError(f"stop[{i}] must be a non-empty string, got {s!r}", param="stop")
     return stops
 
 

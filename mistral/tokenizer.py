@@ -13,6 +13,7 @@ first visible piece is dropped (it is the "dummy prefix" space the encoder added
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from pathlib import Path
@@ -117,6 +118,18 @@ class Tokenizer:
         """Ids -> text, exactly as SentencePiece decodes them (control tokens give nothing)."""
         return self._sp.decode(self._as_ids(ids))
 
+    @functools.cached_property
+    def anchor(self) -> tuple[int, str]:
+        """An ordinary piece that decodes to itself without a leading space ("a"), and its text:
+        what the streaming detokenizer decodes behind (see StreamingDetokenizer)."""
+        for i in [self.piece_to_id("a"), *range(self.vocab_size)]:
+            if i is None or self.is_control(i) or self.is_byte(i):
+                continue
+            piece = self.id_to_piece(i)
+            if not piece.startswith("▁") and self.decode([i]) == piece:  # <unk> decodes to " ⁇ "
+                return i, piece
+        raise TokenizerError(f"{self.path}: no ordinary piece without a leading ▁")
+
     def is_control(self, token_id: int) -> bool:
         return token_id in self._control
 
@@ -188,20 +201,13 @@ class StreamingDetokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] | None = ()):
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = [stop]
-        for i, s in enumerate(stop):
-            if not isinstance(s, str) or s == "":
-                raise RequestError(f"stop[{i}] must be a non-empty string, got {s!r}", param="stop")
         self.tokenizer = tokenizer
-        self.stop: tuple[str, ...] = tuple(stop)
+        self.stop: tuple[str, ...] = tuple(check_stop_strings(stop))
         self.stopped = False
         self._pending: list[int] = []  # byte pieces of a character not finished yet (at most 3)
         self._at_start = True  # only control tokens so far: the next `▁` is the dummy prefix
         self._held = ""  # text that could begin a stop string
-        self._anchor_id, self._anchor_text = _find_anchor(tokenizer)
+        self._anchor_id, self._anchor_text = tokenizer.anchor
 
     def push(self, token_id: int) -> str:
         """Feed one generated id; returns the text that can be emitted now ("" if held back)."""
@@ -227,10 +233,11 @@ class StreamingDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        sp = self.tokenizer._sp  # the ids were checked in push()
         if self._at_start:
             self._at_start = all(self.tokenizer.is_control(i) for i in ids)
-            return self.tokenizer.decode(ids)
-        return self.tokenizer.decode([self._anchor_id, *ids])[len(self._anchor_text) :]
+            return sp.decode(ids)
+        return sp.decode([self._anchor_id, *ids])[len(self._anchor_text) :]
 
     def _filter_stops(self, delta: str, final: bool) -> str:
         if not self.stop:
@@ -259,13 +266,10 @@ class StreamingDetokenizer:
         return text[: len(text) - keep]
 
 
-def _find_anchor(tokenizer: Tokenizer) -> tuple[int, str]:
-    """An ordinary piece that decodes to itself without a leading space ("a"), and its text."""
-    candidates = [tokenizer.piece_to_id("a"), *range(tokenizer.vocab_size)]
-    for i in candidates:
-        if i is None or tokenizer.is_control(i) or tokenizer.is_byte(i):
-            continue
-        piece = tokenizer.id_to_piece(i)
-        if not piece.startswith("▁") and tokenizer.decode([i]) == piece:  # <unk> decodes to " ⁇ "
-            return i, piece
-    raise TokenizerError(f"{tokenizer.path}: no ordinary piece without a leading ▁")
+def check_stop_strings(stop: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Stop strings as a list: None is none, a string is one; each must be a non-empty string."""
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+    for i, s in enumerate(stops):
+        if not isinstance(s, str) or not s:
+            raise RequestError(f"stop[{i}] must be a non-empty string, got {s!r}", param="stop")
+    return stops
