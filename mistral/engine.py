@@ -256,9 +256,7 @@ class Engine:
             # instead of ~100 is 1.5% slower in fp32, 3-5% in bf16).
             step = 1 if self.device.type == "cpu" else 256
             length = self.max_seq_len if self.fixed_batch_shape else _bucket(max(s.length for s in seqs) + 1, self.max_seq_len, step)
-            cache = self.cache.view(0, hi, length=length)
-            logits = self._forward(self.tokens[:hi, None], self.pos[:hi], cache)[:, -1]  # [hi, V]
-            next_tokens = sample(logits, self._sampling(0, hi), flags, self.eos_id)
+            logits, next_tokens = self._step(self._forward, hi, flags, length)
         self.pos[:hi] += self.active[:hi]  # the token sampled now goes in at the next position
         for seq in seqs:
             seq.length += 1
@@ -338,8 +336,13 @@ class Engine:
         """The decode step as captured: rows 0..batch-1 over the whole cache, sampled with the
         features `key` names (the batch's flags, and whether a logit_bias table exists), since
         those are host-side choices that the graph fixes. Reads only the engine's persistent tensors."""
-        flags, _ = key
-        logits = self.model(self.tokens[:batch, None], self.pos[:batch], self.cache.view(0, batch))[:, -1]  # [batch, V]
+        return self._step(self.model, batch, key[0])
+
+    def _step(self, forward, batch: int, flags: BatchFlags, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows 0..batch-1 one token further through `forward`, attending over `length` cache
+        positions (None: all of them), and their next tokens sampled: the logits [batch, V] and the
+        tokens [batch]. Reads only the engine's persistent tensors, as a captured graph must."""
+        logits = forward(self.tokens[:batch, None], self.pos[:batch], self.cache.view(0, batch, length=length))[:, -1]
         return logits, sample(logits, self._sampling(0, batch), flags, self.eos_id)
 
     def _advance(self, seqs: list[Sequence], lo: int, hi: int, logits: torch.Tensor, next_tokens: torch.Tensor) -> None:

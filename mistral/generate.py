@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import queue
@@ -469,13 +470,15 @@ class _Job:
     def closing(self) -> Iterator[dict]:
         if self.stream:
             if self.include_usage:
-                yield {**self._envelope(), "choices": [], "usage": self._usage()}
+                yield {**self._envelope, "choices": [], "usage": self._usage()}
             return
         yield self._completion()
 
     # --- the OpenAI shapes ---------------------------------------------------------------------------
 
+    @functools.cached_property
     def _envelope(self) -> dict:
+        """The fields every chunk (or the completion) of this job shares; copied into each."""
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         if not self.stream:
             obj = "chat.completion" if self.kind == "chat" else "text_completion"
@@ -490,7 +493,7 @@ class _Job:
         else:
             choice = {"index": c.index, "text": delta if isinstance(delta, str) else "",
                       "logprobs": self._text_logprobs(logprobs) if logprobs else None, "finish_reason": finish_reason}
-        return {**self._envelope(), "choices": [choice]}
+        return {**self._envelope, "choices": [choice]}
 
     def _completion(self) -> dict:
         choices = []
@@ -506,7 +509,7 @@ class _Job:
                 choices.append({"index": c.index, "text": c.content,
                                 "logprobs": self._text_logprobs(c.logprobs) if self.gen.logprobs else None,
                                 "finish_reason": c.finish_reason})
-        return {**self._envelope(), "choices": choices, "usage": self._usage()}
+        return {**self._envelope, "choices": choices, "usage": self._usage()}
 
     def _usage(self) -> dict:
         completion = sum(c.tokens for c in self.choices)

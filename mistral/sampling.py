@@ -106,7 +106,7 @@ def filter_logits(logits: torch.Tensor, s: SamplingTensors) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, s: SamplingTensors, flags: BatchFlags, eos_id: int) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> next tokens [B] int64."""
-    logits = logits.float().clone()  # edited in place below; the caller's logits stay as they were
+    logits = logits.to(torch.float32, copy=True)  # one copy, edited in place below; the caller's stay as they were
     if s.logit_bias is not None:
         logits = logits + s.logit_bias
     if flags.penalties:
