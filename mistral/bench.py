@@ -53,7 +53,7 @@ import torch
 from .args import ModelArgs, preset
 from .describe import GPU, decode_cost, prefill_cost
 from .engine import Engine, GenerationParams, TokenEvent, _bucket
-from .measure import (CORRECT_PROMPT, CORRECT_STEPS, best_time, copy_bandwidth, decode_rate, fast_logits,
+from .measure import (CORRECT_PROMPT, CORRECT_STEPS, best_time, copy_bandwidth, cpu_name, decode_rate, fast_logits,
                       fp32_references, hf_compiled_rates, hf_eager_rate, matmul_rate, prefill, random_model,
                       transformers_model, unmerged)
 
@@ -465,13 +465,7 @@ def _environment(device: torch.device, preset_name: str, args: ModelArgs, dtype:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        name = f"{name} (CPU, {torch.get_num_threads()} threads)"
+        name = f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
     return {
         "model": f"{preset_name} ({args.n_layers} layers, dim {args.dim}), random weights",
         "preset": preset_name, "device": str(device), "device_name": name, "dtype": str(dtype).removeprefix("torch."),

@@ -177,10 +177,15 @@ def decode_cost(args: ModelArgs, seq_len: int, batch: int = 1, weight_bytes: flo
     span = _span(seq_len - 1, args.sliding_window)
     attn_flops = 4 * args.n_layers * args.n_heads * args.head_dim * span
     flops = batch * (2 * (layers + head) + attn_flops)
-    # All weights but the embedding table, of which each row reads one line of `dim` values.
-    weights = (count_parameters(args) - args.vocab_size * args.dim + batch * args.dim) * weight_bytes
+    weights = weight_bytes_read(args, batch, weight_bytes)
     kv = batch * kv_bytes_per_token(args, kv_bytes) * (span + 1)  # read the visible keys/values, write the new one
     return Cost(flops, weights + kv)
+
+
+def weight_bytes_read(args: ModelArgs, rows: int, weight_bytes: float) -> float:
+    """Bytes of weights a pass over `rows` tokens reads: all weights but the embedding table, of
+    which each token reads one line of `dim` values."""
+    return (count_parameters(args) - args.vocab_size * args.dim + rows * args.dim) * weight_bytes
 
 
 def prefill_cost(args: ModelArgs, n_tokens: int, weight_bytes: float = 2, kv_bytes: float = 2) -> Cost:
@@ -192,7 +197,7 @@ def prefill_cost(args: ModelArgs, n_tokens: int, weight_bytes: float = 2, kv_byt
     layers, head = _matmul_params(args)
     visible = sum(_span(p, args.sliding_window) for p in range(n_tokens)) if args.sliding_window else n_tokens * (n_tokens + 1) // 2
     flops = 2 * layers * n_tokens + 2 * head + 4 * args.n_layers * args.n_heads * args.head_dim * visible
-    weights = (count_parameters(args) - args.vocab_size * args.dim + n_tokens * args.dim) * weight_bytes
+    weights = weight_bytes_read(args, n_tokens, weight_bytes)
     kv = 2 * n_tokens * kv_bytes_per_token(args, kv_bytes)
     return Cost(flops, weights + kv)
 
@@ -264,7 +269,7 @@ class Description:
             "per_token": {
                 "matmul_flops": 2 * (layers + head),
                 "attention_flops_per_visible_key": 4 * a.n_layers * a.n_heads * a.head_dim,
-                "weight_bytes_read": (self.total_params - a.vocab_size * a.dim + a.dim) * wb,
+                "weight_bytes_read": weight_bytes_read(a, 1, wb),
                 "kv_bytes_read_per_visible_key": kv_tok,
             },
             "gpu": {"name": g.name, "bandwidth_bytes_per_s": g.bandwidth, "flops_per_s": g.flops, "source": g.source,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import signal
 import time
 from typing import Callable
@@ -17,6 +18,15 @@ import torch
 from .args import ModelArgs
 from .engine import _bucket  # the engine's own rounding of the attention length
 from .loader import mistral_to_hf_name, permute_for_hf
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (or what `platform` knows elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 from .model import KVCache, Transformer
 
 CORRECT_PROMPT, CORRECT_STEPS = 48, 8  # the correctness check: prompt length, teacher-forced decode steps

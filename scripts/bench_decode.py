@@ -39,7 +39,6 @@ import argparse
 import datetime
 import gc
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from mistral.args import preset
 from mistral.engine import Engine, GenerationParams, TokenEvent
 from mistral.loader import load_model
 from mistral.make_random import make_random
+from mistral.measure import cpu_name
 from mistral.model import linear
 from mistral.tokenizer import Tokenizer
 
@@ -275,7 +275,7 @@ def main() -> None:
     p.add_argument("--no-transformers", action="store_true", help="time ours only")
     a = p.parse_args()
 
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {datetime.date.today()}; load average {_load()}", flush=True)
     total, one, two = machine_bandwidth()
     print(f"fp32 reads from memory: torch.sum {total / 1e9:.1f} GB/s, F.linear mat-vec {one / 1e9:.1f} GB/s, "
@@ -322,16 +322,6 @@ def main() -> None:
 
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
