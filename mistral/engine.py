@@ -23,12 +23,13 @@ All state the decode step reads lives on the device (`tokens`, `pos`, sampling s
 reads back only the sampled tokens, to stream them. That is also what lets the decode step be
 replayed from a CUDA graph (`cuda_graphs=True`, the default on CUDA with the Triton kernels; see
 cuda_graphs.py); prefill stays eager, since prompt lengths vary. On the CPU, `compile=True` runs the
-decode step through torch.compile instead (see `_compiled_forward`).
+decode step through torch.compile instead (see `_compile_step`).
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import logging
 import threading
@@ -141,7 +142,7 @@ class Engine:
         if compile and cuda_graphs:
             raise ValueError("choose one of compile=True and cuda_graphs=True: both replace the eager decode step")
         self.graphs = None if compile else self._captured_steps(cuda_graphs)  # None: no CUDA graphs
-        self.decode_forward = self._compiled_forward() if compile else model  # the model as a decode step runs it
+        self.compiled_step = self._compile_step() if compile else None  # None: eager (or fallen back to it)
 
         self.running: dict[int, Sequence] = {}  # row -> sequence
         self.free_rows = list(range(R))
@@ -234,12 +235,13 @@ class Engine:
         tokens = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
         cache = self.cache.view(row, row + 1, length=n)
         logits = self.model(tokens, torch.zeros(1, dtype=torch.long, device=self.device), cache, last_only=True)[:, -1]
-        first = seq.params.first_token
+        flags, first = self._flags([seq]), seq.params.first_token
         if first is not None:
             next_tokens = torch.tensor([first], device=self.device)
         else:
-            next_tokens = sample(logits, self._sampling(row, row + 1), self._flags([seq]), self.eos_id)
-        self._advance([seq], row, row + 1, logits, next_tokens)
+            next_tokens = sample(logits, self._sampling(row, row + 1), flags, self.eos_id)
+        self._record(row, row + 1, next_tokens, flags, fed=False)
+        self._hand_out([seq], row, logits, next_tokens)
 
     def _decode(self) -> None:
         self.steps += 1
@@ -250,31 +252,67 @@ class Engine:
         graphed = self.graphs(hi, (flags, self.logit_bias is not None)) if self.graphs is not None else None
         if graphed is not None:  # a replayed CUDA graph decoded rows 0..bucket-1 (see _graph_step)
             logits, next_tokens = graphed[0][:hi], graphed[1][:hi]
+            self._record(0, hi, next_tokens, flags, fed=True)
         else:
             # Attention reads `length` cache positions: rounded up to fewer distinct lengths on GPUs,
             # exact on the CPU, where every position read is paid for (a 0.5B step at length 256
             # instead of ~100 is 1.5% slower in fp32, 3-5% in bf16).
             step = 1 if self.device.type == "cpu" else 256
             length = self.max_seq_len if self.fixed_batch_shape else _bucket(max(s.length for s in seqs) + 1, self.max_seq_len, step)
-            logits, next_tokens = self._step(self._forward, hi, flags, length)
-        self.pos[:hi] += self.active[:hi]  # the token sampled now goes in at the next position
+            logits, next_tokens = self.decode_step(hi, flags, length)
         for seq in seqs:
             seq.length += 1
-        self._advance(seqs, 0, hi, logits, next_tokens)
+        self._hand_out(seqs, 0, logits, next_tokens)
+
+    def decode_step(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows 0..batch-1 one token further (`_step`, then `_record`): the logits [batch, V] and the
+        tokens [batch] sampled. Through torch.compile with compile=True. A compiled step that fails
+        (no C++ compiler, a compiler bug, but also an error the eager step would raise too, such as
+        running out of memory) is dropped for the eager one for good, with a warning; the rows' state
+        is put back first, since a step may fail after moving some of it on (the eager rerun writes
+        the same cache positions again)."""
+        if self.compiled_step is not None:
+            moved = self._moved_by_step(batch, flags)
+            saved = [t.clone() for t in moved]
+            try:
+                return self.compiled_step(batch, flags, length)
+            except Exception as e:
+                log.warning("the compiled decode step failed (%s: %s); decoding eagerly from now on",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.compiled_step = None
+                for t, before in zip(moved, saved):
+                    t.copy_(before)
+        return self._step_and_record(batch, flags, length)
+
+    def _step_and_record(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, next_tokens = self._step(batch, flags, length)
+        self._record(0, batch, next_tokens, flags, fed=True)
+        return logits, next_tokens
+
+    def _filtering_step_and_record(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same, as a function of its own, so that torch.compile caches it apart (see _compile_step)."""
+        return self._step_and_record(batch, flags, length)
+
+    def _moved_by_step(self, batch: int, flags: BatchFlags) -> list[torch.Tensor]:
+        """The per-row state a decode step of rows 0..batch-1 changes (besides the cache)."""
+        moved = [self.tokens[:batch], self.pos[:batch], self.n_generated[:batch]]
+        return moved + [self.counts[:batch]] if flags.penalties else moved
 
     # --- torch.compile of the decode step ------------------------------------------------------------
 
-    def _compiled_forward(self):
-        """The model's forward through torch.compile, for decode steps (prefill stays eager: each
-        prompt length would be a new shape to specialise on).
+    def _compile_step(self):
+        """The decode step (`_step_and_record`: forward, sampling, the rows' state) through
+        torch.compile; prefill stays eager, since each prompt length would be a new shape.
 
-        On the CPU this is the fast path. Eager PyTorch runs a decode step as ~300 separate ops,
-        ~1 ms of dispatch on a small model, and its bf16 mat-vecs read 15-18 GB/s; inductor fuses
-        the glue between matmuls into a few C++ loops and the mat-vecs into vectorised reductions
-        that read at memory speed (see `linear` in model.py; BENCHMARKS.md has the figures). The
-        price is a compilation on the first step: ~10 s for the small preset, ~1 min at 0.5B, on 2
-        cores, and again when the batch grows past 1 or past 4 rows. Shapes are dynamic, so the
-        growing cache length does not recompile. Needs a C++ compiler on the CPU.
+        On the CPU this is the fast path. Eager PyTorch runs a decode step as a few hundred separate
+        ops, ~1 ms of dispatch on a small model, and its bf16 mat-vecs read 15-18 GB/s; inductor fuses
+        the glue between matmuls, the sampler and the state update into a few C++ loops, and the
+        mat-vecs into vectorised reductions that read at memory speed (see `linear` in model.py;
+        BENCHMARKS.md has the figures), and the step costs one Python call. The price is compilation:
+        ~10 s for the small preset, ~1 min at 0.5B, on 2 cores, for the first step of each batch class
+        (1 row, 2-4, more) and each set of sampling features (`BatchFlags`, and whether a logit_bias
+        table exists). Shapes are dynamic, so the growing cache length does not recompile. Needs a C++
+        compiler on the CPU.
 
         Only the PyTorch ops are compiled: on CUDA the Triton kernels and CUDA graphs (the default
         there) do this job.
@@ -283,10 +321,24 @@ class Engine:
             raise ValueError(f"compile=True (--compile) compiles the PyTorch ops; this model uses kernels="
                              f"{self.model.ops.name!r}: load it with kernels='torch' (--kernels torch), or leave "
                              "compile off on CUDA, where the Triton kernels run with CUDA graphs")
+        # Each batch class x sampling-feature set is a compilation of its own: up to 3 x 12. Where
+        # torch.compile takes a limit for one function (torch 2.13 does), allow them all; elsewhere
+        # the global limit (8) holds, past which dynamo runs further variants eagerly.
+        limit = {"recompile_limit": 64} if "recompile_limit" in inspect.signature(torch.compile).parameters else {}
+        # Only the ints `batch` and `length` vary: the cache and the per-row state keep their shapes,
+        # and marking them static spares every call their shape guards (in Python, ~0.1 ms a step).
+        for t in (*self.cache.k, *self.cache.v, *(t for t in vars(self).values() if isinstance(t, torch.Tensor))):
+            torch._dynamo.mark_static(t)
         # realize_opcount_threshold=0: store each intermediate rather than recompute it inside its
         # consumers. Otherwise inductor inlines an RMSNorm (its rsqrt included) into the inner loop
         # of the next mat-vec, once per weight row; storing it made decode steps 5-25% faster here.
-        return torch.compile(self.model, dynamic=True, fullgraph=True, options={"realize_opcount_threshold": 0})
+        # Not for batches that filter (top-k / top-p / min-p): with it, inductor (torch 2.13)
+        # miscompiles the sort of a batch of 2 or more rows: the generated code raised
+        # UnboundLocalError or, with in-place buffers off, sampled wrong tokens.
+        plain = torch.compile(self._step_and_record, dynamic=True, fullgraph=True,
+                              options={"realize_opcount_threshold": 0}, **limit)
+        filtering = torch.compile(self._filtering_step_and_record, dynamic=True, fullgraph=True, **limit)
+        return lambda batch, flags, length: (filtering if flags.filtering else plain)(batch, flags, length)
 
     def warm_up_batches(self) -> list[int]:
         """Decode batch sizes that each need their own preparation: one per compiled graph (batch 1,
@@ -299,22 +351,6 @@ class Engine:
 
             return list(batch_buckets(self.max_batch))
         return sorted({min(rows, self.max_batch) for rows in (1, 2, 5)})
-
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        """The decode step's forward; a compiled one that fails (no C++ compiler, too many
-        recompilations in this process, but also an error the eager model would raise too, such as
-        running out of memory) is dropped for the eager model for good, with a warning. Before it
-        runs, a compiled step fails as a whole; after a partial run, the eager rerun writes the same
-        cache positions again."""
-        try:
-            return self.decode_forward(tokens, pos, cache)
-        except Exception as e:
-            if self.decode_forward is self.model:
-                raise
-            log.warning("the compiled decode step failed (%s: %s); decoding eagerly from now on",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.decode_forward = self.model
-            return self.model(tokens, pos, cache)
 
     # --- CUDA graphs of the decode step (see cuda_graphs.py) -----------------------------------------
 
@@ -336,22 +372,31 @@ class Engine:
         """The decode step as captured: rows 0..batch-1 over the whole cache, sampled with the
         features `key` names (the batch's flags, and whether a logit_bias table exists), since
         those are host-side choices that the graph fixes. Reads only the engine's persistent tensors."""
-        return self._step(self.model, batch, key[0])
+        return self._step(batch, key[0])
 
-    def _step(self, forward, batch: int, flags: BatchFlags, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows 0..batch-1 one token further through `forward`, attending over `length` cache
+    def _step(self, batch: int, flags: BatchFlags, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows 0..batch-1 one token further through the model, attending over `length` cache
         positions (None: all of them), and their next tokens sampled: the logits [batch, V] and the
-        tokens [batch]. Reads only the engine's persistent tensors, as a captured graph must."""
-        logits = forward(self.tokens[:batch, None], self.pos[:batch], self.cache.view(0, batch, length=length))[:, -1]
+        tokens [batch]. Reads only the engine's persistent tensors and writes only the cache at the
+        fed positions, as a captured graph must (its warm-up runs may not move any row on)."""
+        logits = self.model(self.tokens[:batch, None], self.pos[:batch], self.cache.view(0, batch, length=length))[:, -1]
         return logits, sample(logits, self._sampling(0, batch), flags, self.eos_id)
 
-    def _advance(self, seqs: list[Sequence], lo: int, hi: int, logits: torch.Tensor, next_tokens: torch.Tensor) -> None:
-        """Record the tokens sampled for rows lo..hi-1 on the device, then hand them out."""
+    def _record(self, lo: int, hi: int, next_tokens: torch.Tensor, flags: BatchFlags, fed: bool) -> None:
+        """The device state of busy rows lo..hi-1 after a token was sampled for each: it is their
+        next input, one more generated, and counted for penalties. `fed`: a decode step put the
+        previous tokens in the cache, so the new ones go in at the next position (after a prefill,
+        `pos` already points past the prompt)."""
         active = self.active[lo:hi]
+        if fed:
+            self.pos[lo:hi] += active
         self.tokens[lo:hi] = torch.where(active.bool(), next_tokens, self.tokens[lo:hi])
         self.n_generated[lo:hi] += active
-        if self.counts is not None:
+        if flags.penalties:  # the only rows that read their counts; each is in every batch of its life
             self.counts[lo:hi].scatter_add_(1, next_tokens[:, None], active[:, None].int())
+
+    def _hand_out(self, seqs: list[Sequence], lo: int, logits: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """Send each sequence its token (rows from `lo` on) and finish those that are done."""
         top = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
         lp = token_logprobs(logits, next_tokens, top) if top >= 0 else None
         ids = next_tokens.tolist()  # the one host sync of a step
@@ -397,21 +442,27 @@ class Engine:
         self.min_tokens[row] = p.min_tokens
         self.pos[row] = len(seq.prompt)
         self.active[row] = 1
-        R, V, dev = self.max_batch, self.vocab_size, self.device
+        dev = self.device
         if p.logit_bias and self.logit_bias is None:
-            self.logit_bias = torch.zeros(R, V, dtype=torch.float32, device=dev)
+            self.logit_bias = self._table(torch.float32)
         if self.logit_bias is not None:
             self.logit_bias[row] = 0
             if p.logit_bias:
                 ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=dev)
                 self.logit_bias[row, ids] = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=dev)
         if p.uses_penalties and self.counts is None:
-            self.counts = torch.zeros(R, V, dtype=torch.int32, device=dev)
-            self.in_prompt = torch.zeros(R, V, dtype=torch.bool, device=dev)
+            self.counts, self.in_prompt = self._table(torch.int32), self._table(torch.bool)
         if self.counts is not None:
             self.counts[row] = 0
             self.in_prompt[row] = False
             self.in_prompt[row, torch.tensor(seq.prompt, dtype=torch.long, device=dev)] = True
+
+    def _table(self, dtype: torch.dtype) -> torch.Tensor:
+        """A [max_batch, V] table of per-row, per-token values, allocated when a request first needs it."""
+        table = torch.zeros(self.max_batch, self.vocab_size, dtype=dtype, device=self.device)
+        if self.compiled_step is not None:
+            torch._dynamo.mark_static(table)  # as the other persistent tensors (see _compile_step)
+        return table
 
     def _sampling(self, lo: int, hi: int) -> SamplingTensors:
         return SamplingTensors(

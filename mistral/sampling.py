@@ -35,16 +35,19 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-@functools.lru_cache(maxsize=8)
 def _token_hashes(vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[V] int64: each token id's own hash, the same at every step, so made once per device."""
+    """[V] int64: each token id's own hash, the same at every step."""
     return _mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) * 0x85EBCA6B & _M32)
+
+
+_cached_token_hashes = functools.lru_cache(maxsize=8)(_token_hashes)  # eager: made once per device
 
 
 def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """u in (0, 1), [B, V] fp32: a deterministic function of (seed[b], step[b], token)."""
     row = _mix32((seed & _M32) ^ _mix32((step * 0x9E3779B9) & _M32))  # [B]
-    col = _token_hashes(vocab_size, seed.device)  # [V]
+    # [V]; under torch.compile recomputed inside the fused loop, which costs less than reading it
+    col = (_token_hashes if torch.compiler.is_compiling() else _cached_token_hashes)(vocab_size, seed.device)
     bits = _mix32(row[:, None] ^ col[None, :]) >> 8  # [B, V], 24 random bits
     return (bits.float() + 0.5) * (1.0 / (1 << 24))
 

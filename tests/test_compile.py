@@ -4,7 +4,6 @@ Each test compiles for real (inductor, C++ on this CPU), so the shapes are kept 
 3 (the blocked mat-vec at batch > 1) and 6 (past its 4-row limit, plain `F.linear`).
 """
 
-import copy
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import torch
 
 from mistral import Mistral
 from mistral.args import preset
-from mistral.engine import Engine
+from mistral.engine import Engine, GenerationParams
 from mistral.loader import load_model
 from mistral.make_random import make_random
 
@@ -43,41 +42,43 @@ def weights(tmp_path_factory):
     return make_random(tmp_path_factory.mktemp("compile") / "w", preset("small"), "consolidated", "float32", seed=7)
 
 
-def prefilled(model, prompts: list[list[int]], max_seq_len: int = SEQ):
-    """A cache holding each prompt in its own row (eager prefill), and each row's next position."""
-    cache = model.new_cache(len(prompts), max_seq_len)
-    for row, prompt in enumerate(prompts):
-        model(torch.tensor([prompt]), torch.zeros(1, dtype=torch.long), cache.view(row, row + 1, length=len(prompt)))
-    return cache, torch.tensor([len(p) for p in prompts])
+def decode_both_ways(model, prompts: list[list[int]], steps: int = 5):
+    """Greedy-decode `steps` tokens after each prompt (one row each, ragged lengths) with two engines on
+    the same model, eager and compiled (prefill is eager in both); return the logits of each decode
+    step, [steps, B, V] twice, and both engines (their caches hold what the steps wrote)."""
+    logits, engines = {}, {}
+    for name in ("eager", "compiled"):
+        engine = engines[name] = Engine(model, max_batch=len(prompts), max_seq_len=SEQ, compile=name == "compiled")
+        seen = logits[name] = []
+        step = engine.decode_step
 
+        def keep_logits(*args, step=step, seen=seen):  # the real step, its logits kept on the side
+            out = step(*args)
+            seen.append(out[0].clone())
+            return out
 
-def decode_both_ways(model, prompts, steps: int = 5):
-    """Decode `steps` greedy tokens twice from the same prefilled caches, eagerly and compiled;
-    return the logits of each step, [steps, B, V] twice, and both caches."""
-    compiled = Engine(model, max_batch=len(prompts), max_seq_len=SEQ, compile=True).decode_forward
-    out = {"eager": [], "compiled": []}
-    with torch.inference_mode():  # as the engine runs it
-        eager_cache, pos = prefilled(model, prompts)
-        compiled_cache = copy.deepcopy(eager_cache)
-        tokens = torch.tensor([[p[-1]] for p in prompts])
-        for step in range(steps):
-            length = int(pos.max()) + 1  # the engine's exact CPU length
-            for name, forward, cache in (("eager", model, eager_cache), ("compiled", compiled, compiled_cache)):
-                out[name].append(forward(tokens, pos, cache.view(length=length))[:, -1])
-            tokens = out["eager"][-1].argmax(-1, keepdim=True)
-            pos = pos + 1
-    return torch.stack(out["eager"]), torch.stack(out["compiled"]), eager_cache, compiled_cache
+        engine.decode_step = keep_logits
+        for prompt in prompts:
+            engine.add(prompt, GenerationParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True), lambda event: None)
+        while engine.has_work():
+            engine.step()
+        assert len(seen) == steps
+    assert engines["compiled"].compiled_step is not None  # it ran compiled throughout: no fallback
+    return torch.stack(logits["eager"]), torch.stack(logits["compiled"]), engines["eager"], engines["compiled"]
 
 
 @pytest.mark.parametrize("rows", [1, 3, 6])
 def test_compiled_decode_equals_eager_fp32(weights, rows):
     model = load_model(weights, dtype=torch.float32, max_seq_len=SEQ, quiet=True)
     prompts = [[1, 3, 100 + 7 * r, 200 + r, 5][: 2 + r % 4] for r in range(rows)]  # ragged lengths
-    eager, compiled, eager_cache, compiled_cache = decode_both_ways(model, prompts)
+    eager, compiled, eager_engine, compiled_engine = decode_both_ways(model, prompts)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
-    for k_e, k_c in zip(eager_cache.k + eager_cache.v, compiled_cache.k + compiled_cache.v):
-        torch.testing.assert_close(k_c, k_e, rtol=1e-5, atol=1e-5)  # the compiled step wrote the same K, V
+    for name in ("k", "v"):  # the compiled steps wrote the same keys and values at the same positions
+        for expected, actual in zip(getattr(eager_engine.cache, name), getattr(compiled_engine.cache, name)):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    for name in ("tokens", "n_generated"):  # and moved each row's state on alike
+        assert torch.equal(getattr(compiled_engine, name), getattr(eager_engine, name)), name
 
 
 def test_compiled_bf16_decode_is_as_close_to_fp32_as_eager_bf16(weights):
@@ -99,7 +100,21 @@ def test_compiled_chat_completion_equals_eager(weights):
     compiled = llm.create_chat_completion(MESSAGES, max_tokens=12, temperature=0)
     assert compiled["choices"][0]["message"] == eager["choices"][0]["message"]
     assert compiled["usage"] == eager["usage"]
-    assert llm.engine.decode_forward is not llm.model and llm.engine.steps == 11  # compiled decode steps ran
+    assert llm.engine.compiled_step is not None and llm.engine.steps == 11  # compiled decode steps ran
+
+
+def test_compiled_sampling_draws_what_eager_draws(weights):
+    """The sampler runs inside the compiled step: seeded draws with every feature on (temperature,
+    top-k, top-p, min-p, penalties, logit_bias, two choices) pick the same tokens as eager sampling."""
+    kwargs = dict(device="cpu", kernels="torch", max_batch=2, max_seq_len=SEQ, quiet=True)
+    params = dict(max_tokens=10, temperature=1.3, top_k=40, top_p=0.9, min_p=0.01, frequency_penalty=0.5,
+                  presence_penalty=0.3, repetition_penalty=1.2, logit_bias={"1000": 5.0, "2000": -100}, seed=11, n=2)
+    eager = Mistral.from_pretrained(weights, **kwargs).create_completion("Rivers:", **params)
+    llm = Mistral.from_pretrained(weights, compile=True, **kwargs)
+    compiled = llm.create_completion("Rivers:", **params)
+    assert [c["text"] for c in compiled["choices"]] == [c["text"] for c in eager["choices"]]
+    assert compiled["choices"][0]["text"] != compiled["choices"][1]["text"]  # two draws, not one twice
+    assert llm.engine.compiled_step is not None and llm.engine.steps == 9
 
 
 def test_compile_refuses_what_it_cannot_do(weights):
@@ -111,18 +126,24 @@ def test_compile_refuses_what_it_cannot_do(weights):
         Engine(model, compile=True)
 
 
-def test_a_failing_compiled_step_falls_back_to_eager(weights, caplog):
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_failing_compiled_step_falls_back_to_eager(weights, caplog, when):
+    """A compiled step that raises, before running (no C++ compiler) or after moving the rows' state
+    on (a kernel failing halfway), leaves the completion exactly as eager decoding makes it."""
     kwargs = dict(device="cpu", kernels="torch", max_batch=1, max_seq_len=SEQ, quiet=True)
-    eager = Mistral.from_pretrained(weights, **kwargs).create_chat_completion(MESSAGES, max_tokens=6, temperature=0)
+    params = dict(max_tokens=6, temperature=0.8, seed=5, frequency_penalty=0.5)
+    eager = Mistral.from_pretrained(weights, **kwargs).create_chat_completion(MESSAGES, **params)
     llm = Mistral.from_pretrained(weights, compile=True, **kwargs)
 
-    def no_compiler(*args):  # what a machine without a C++ compiler would raise, on the first decode step
+    def failing(*args):  # what a machine without a C++ compiler raises on the first decode step
+        if when == "after":
+            llm.engine._step_and_record(*args)  # tokens, positions, counts moved on, then:
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
-    llm.engine.decode_forward = no_compiler
-    completion = llm.create_chat_completion(MESSAGES, max_tokens=6, temperature=0)
+    llm.engine.compiled_step = failing
+    completion = llm.create_chat_completion(MESSAGES, **params)
     assert completion["choices"][0]["message"] == eager["choices"][0]["message"]
-    assert llm.engine.decode_forward is llm.model
+    assert llm.engine.compiled_step is None
     assert "decoding eagerly from now on" in caplog.text and "InvalidCxxCompiler" in caplog.text
 
 
@@ -143,7 +164,7 @@ def test_warm_up_decodes_at_each_batch_size_that_compiles_apart(weights):
                                   compile=True)
     assert llm.engine.warm_up_batches() == [1, 2, 3]
     llm.warm_up()
-    assert llm.engine.steps == 3 and not llm.engine.has_work() and llm.engine.decode_forward is not llm.model
+    assert llm.engine.steps == 3 and not llm.engine.has_work() and llm.engine.compiled_step is not None
     llm.start()
     try:
         with pytest.raises(RuntimeError, match="before start"):
