@@ -242,7 +242,7 @@ def _add_model_flags(p) -> None:
     p.add_argument("--kernels", default="auto", choices=["torch", "triton", "auto"])
     p.add_argument("--max-seq-len", type=int, default=8192, help="KV-cache length (default 8192)")
     p.add_argument("--compile", action="store_true",
-                   help="run decode steps through torch.compile: about 2x faster on the CPU, after a first step "
+                   help="run decode steps through torch.compile: 2-3.5x faster on the CPU, after a first step "
                         "that compiles (~10 s to a minute; needs a C++ compiler)")
 
 
@@ -273,7 +273,7 @@ def _load(a, max_batch: int = 1):
                                   quiet=not a.verbose)
     if a.compile:
         print("compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
-        llm.warm_up()
+        llm.warm_up(_sampling(a))
     return llm
 
 

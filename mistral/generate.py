@@ -88,7 +88,7 @@ class Mistral:
         checkpoint's own dtype on CPU. max_seq_len: the KV cache's length per row (v0.3 reaches
         32768; 8192 x 8 rows of cache take 8 GiB in bf16). cuda_graphs: replay each decode step
         from a CUDA graph; default on for CUDA with the Triton kernels. compile: run each decode step through
-        torch.compile, the fast path on the CPU (about 2x; the first step compiles, ~10 s to a minute).
+        torch.compile, the fast path on the CPU (2-3.5x; the first step compiles, ~10 s to a minute).
         token: default the HF_TOKEN variable.
         """
         from .hub import resolve_weights
@@ -115,20 +115,25 @@ class Mistral:
             self._thread = threading.Thread(target=self.engine.serve_forever, args=(self._stop,), name="mistral-engine", daemon=True)
             self._thread.start()
 
-    def warm_up(self) -> None:
+    def warm_up(self, *settings: dict) -> None:
         """Generate a few tokens and throw them away, so that what a decode step prepares on first
         use (the compilations of `compile=True`, CUDA graph capture, first-call allocations) is done
         before the first real request: at every batch size that needs its own preparation (see
-        `Engine.warm_up_batches`). Call it before `start()`."""
+        `Engine.warm_up_batches`), for each of `settings`, the sampling parameters to prepare for
+        (dicts of create_completion's keyword arguments: temperature, top_p, ...), since each set of
+        sampling features is a step of its own. By default: greedy, and sampling at temperature 1
+        (the API's default). Call it before `start()`."""
         if self._thread is not None:
             raise RuntimeError("warm_up() runs the engine on the calling thread: call it before start()")
         prompt = self.tokenizer.encode("warm-up", bos=True)
-        params = GenerationParams(max_tokens=2, temperature=0.0, ignore_eos=True)  # a prefill, then one decode step
-        for rows in self.engine.warm_up_batches():
-            for _ in range(rows):
-                self.engine.add(prompt, params, lambda event: None)
-            while self.engine.has_work():
-                self.engine.step()
+        for setting in settings or ({"temperature": 0.0}, {"temperature": 1.0}):
+            gen, _ = self._params(len(prompt), "prompt", **setting)
+            params = dataclasses.replace(gen, max_tokens=2, ignore_eos=True)  # a prefill, then one decode step
+            for rows in self.engine.warm_up_batches():
+                for _ in range(rows):
+                    self.engine.add(prompt, params, lambda event: None)
+                while self.engine.has_work():
+                    self.engine.step()
 
     def stop(self) -> None:
         if self._thread is not None:

@@ -15,6 +15,7 @@ import torch
 from mistral import Mistral
 from mistral.args import preset
 from mistral.engine import Engine, GenerationParams
+from mistral.errors import RequestError
 from mistral.loader import load_model
 from mistral.make_random import make_random
 
@@ -163,8 +164,12 @@ def test_warm_up_decodes_at_each_batch_size_that_compiles_apart(weights):
     llm = Mistral.from_pretrained(weights, device="cpu", kernels="torch", max_batch=3, max_seq_len=SEQ, quiet=True,
                                   compile=True)
     assert llm.engine.warm_up_batches() == [1, 2, 3]
-    llm.warm_up()
-    assert llm.engine.steps == 3 and not llm.engine.has_work() and llm.engine.compiled_step is not None
+    llm.warm_up()  # greedy and sampled, at each of the three batch sizes
+    assert llm.engine.steps == 6 and not llm.engine.has_work() and llm.engine.compiled_step is not None
+    llm.warm_up({"temperature": 0.7, "top_p": 0.9})
+    assert llm.engine.steps == 9 and llm.engine.compiled_step is not None
+    with pytest.raises(RequestError, match="top_p"):
+        llm.warm_up({"top_p": 2})
     llm.start()
     try:
         with pytest.raises(RuntimeError, match="before start"):
