@@ -239,7 +239,7 @@ class Engine:
         if first is not None:
             next_tokens = torch.tensor([first], device=self.device)
         else:
-            next_tokens = sample(logits, self._sampling(row, row + 1), flags, self.eos_id)
+            next_tokens = sample(logits, self._sampling(row, row + 1, flags), flags, self.eos_id)
         self._record(row, row + 1, next_tokens, flags, fed=False)
         self._hand_out([seq], row, logits, next_tokens)
 
@@ -270,7 +270,7 @@ class Engine:
         (no C++ compiler, a compiler bug, but also an error the eager step would raise too, such as
         running out of memory) is dropped for the eager one for good, with a warning; the rows' state
         is put back first, since a step may fail after moving some of it on (the eager rerun writes
-        the same cache positions again)."""
+        the same cache positions again). Keeping that copy costs 3-4 small clones a step."""
         if self.compiled_step is not None:
             moved = self._moved_by_step(batch, flags)
             saved = [t.clone() for t in moved]
@@ -310,9 +310,9 @@ class Engine:
         mat-vecs into vectorised reductions that read at memory speed (see `linear` in model.py;
         BENCHMARKS.md has the figures), and the step costs one Python call. The price is compilation:
         ~10 s for the small preset, ~1 min at 0.5B, on 2 cores, for the first step of each batch class
-        (1 row, 2-4, more) and each set of sampling features (`BatchFlags`, and whether a logit_bias
-        table exists). Shapes are dynamic, so the growing cache length does not recompile. Needs a C++
-        compiler on the CPU.
+        (1 row, 2-4, more) and each set of sampling features (`BatchFlags`; `Mistral.warm_up` does the
+        common ones ahead). Shapes are dynamic, so the growing cache length does not recompile. Needs a
+        C++ compiler on the CPU.
 
         Only the PyTorch ops are compiled: on CUDA the Triton kernels and CUDA graphs (the default
         there) do this job.
@@ -321,13 +321,21 @@ class Engine:
             raise ValueError(f"compile=True (--compile) compiles the PyTorch ops; this model uses kernels="
                              f"{self.model.ops.name!r}: load it with kernels='torch' (--kernels torch), or leave "
                              "compile off on CUDA, where the Triton kernels run with CUDA graphs")
-        # Each batch class x sampling-feature set is a compilation of its own: up to 3 x 12. Where
-        # torch.compile takes a limit for one function (torch 2.13 does), allow them all; elsewhere
-        # the global limit (8) holds, past which dynamo runs further variants eagerly.
-        limit = {"recompile_limit": 64} if "recompile_limit" in inspect.signature(torch.compile).parameters else {}
+        # The logit_bias table exists from the start, so that its existence is not one more thing a
+        # compiled step depends on: each batch class (1 row, 2-4, more) x set of sampling features
+        # (greedy or not, penalties, filtering: 6) is a compilation of its own, 18 in all. Where
+        # torch.compile takes a limit for one function (torch 2.13 does), allow them; elsewhere raise
+        # dynamo's global limit (8), past which a fullgraph compile raises (and we would fall back).
+        self.logit_bias = self._table(torch.float32)
+        limit = {"recompile_limit": 64}
+        if "recompile_limit" not in inspect.signature(torch.compile).parameters:
+            limit = {}
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # Only the ints `batch` and `length` vary: the cache and the per-row state keep their shapes,
         # and marking them static spares every call their shape guards (in Python, ~0.1 ms a step).
-        for t in (*self.cache.k, *self.cache.v, *(t for t in vars(self).values() if isinstance(t, torch.Tensor))):
+        rows = (self.tokens, self.pos, self.active, self.n_generated, self.min_tokens, self.temperature, self.top_k,
+                self.top_p, self.min_p, self.presence, self.frequency, self.repetition, self.seed, self.logit_bias)
+        for t in (*self.cache.k, *self.cache.v, *rows):
             torch._dynamo.mark_static(t)
         # realize_opcount_threshold=0: store each intermediate rather than recompute it inside its
         # consumers. Otherwise inductor inlines an RMSNorm (its rsqrt included) into the inner loop
@@ -380,7 +388,7 @@ class Engine:
         tokens [batch]. Reads only the engine's persistent tensors and writes only the cache at the
         fed positions, as a captured graph must (its warm-up runs may not move any row on)."""
         logits = self.model(self.tokens[:batch, None], self.pos[:batch], self.cache.view(0, batch, length=length))[:, -1]
-        return logits, sample(logits, self._sampling(0, batch), flags, self.eos_id)
+        return logits, sample(logits, self._sampling(0, batch, flags), flags, self.eos_id)
 
     def _record(self, lo: int, hi: int, next_tokens: torch.Tensor, flags: BatchFlags, fed: bool) -> None:
         """The device state of busy rows lo..hi-1 after a token was sampled for each: it is their
@@ -460,19 +468,21 @@ class Engine:
     def _table(self, dtype: torch.dtype) -> torch.Tensor:
         """A [max_batch, V] table of per-row, per-token values, allocated when a request first needs it."""
         table = torch.zeros(self.max_batch, self.vocab_size, dtype=dtype, device=self.device)
-        if self.compiled_step is not None:
+        if getattr(self, "compiled_step", None) is not None:
             torch._dynamo.mark_static(table)  # as the other persistent tensors (see _compile_step)
         return table
 
-    def _sampling(self, lo: int, hi: int) -> SamplingTensors:
+    def _sampling(self, lo: int, hi: int, flags: BatchFlags) -> SamplingTensors:
+        """The settings of rows lo..hi-1; the penalty tables only for a batch that uses them (what a
+        compiled step does not read, it does not guard on either)."""
         return SamplingTensors(
             temperature=self.temperature[lo:hi], top_k=self.top_k[lo:hi], top_p=self.top_p[lo:hi],
             min_p=self.min_p[lo:hi], presence_penalty=self.presence[lo:hi], frequency_penalty=self.frequency[lo:hi],
             repetition_penalty=self.repetition[lo:hi], seed=self.seed[lo:hi], step=self.n_generated[lo:hi],
             ban_eos=self.n_generated[lo:hi] < self.min_tokens[lo:hi],
             logit_bias=self.logit_bias[lo:hi] if self.logit_bias is not None else None,
-            counts=self.counts[lo:hi] if self.counts is not None else None,
-            in_prompt=self.in_prompt[lo:hi] if self.in_prompt is not None else None,
+            counts=self.counts[lo:hi] if flags.penalties else None,
+            in_prompt=self.in_prompt[lo:hi] if flags.penalties else None,
         )
 
     @staticmethod

@@ -34,6 +34,15 @@ _why_not = _cpu_compile_works()
 if _why_not is not None:
     pytest.skip(f"torch.compile cannot build CPU code on this machine ({_why_not})", allow_module_level=True)
 
+def compiled_graphs() -> int:
+    """How many graphs of the engine's decode step dynamo holds in this process (both step functions;
+    engines of the same shapes share them): more than none shows compiled code, not eager, ran."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    steps = (Engine._step_and_record, Engine._filtering_step_and_record)
+    return sum(len(_debug_get_cache_entry_list(step.__code__)) for step in steps)
+
+
 SEQ = 128  # one model length everywhere: the rotary tables' size is part of what a compilation assumes
 MESSAGES = [{"role": "user", "content": "Name three rivers."}]
 
@@ -64,7 +73,7 @@ def decode_both_ways(model, prompts: list[list[int]], steps: int = 5):
         while engine.has_work():
             engine.step()
         assert len(seen) == steps
-    assert engines["compiled"].compiled_step is not None  # it ran compiled throughout: no fallback
+    assert engines["compiled"].compiled_step is not None and compiled_graphs() > 0  # compiled throughout
     return torch.stack(logits["eager"]), torch.stack(logits["compiled"]), engines["eager"], engines["compiled"]
 
 
@@ -102,20 +111,23 @@ def test_compiled_chat_completion_equals_eager(weights):
     assert compiled["choices"][0]["message"] == eager["choices"][0]["message"]
     assert compiled["usage"] == eager["usage"]
     assert llm.engine.compiled_step is not None and llm.engine.steps == 11  # compiled decode steps ran
+    assert compiled_graphs() > 0
 
 
-def test_compiled_sampling_draws_what_eager_draws(weights):
-    """The sampler runs inside the compiled step: seeded draws with every feature on (temperature,
-    top-k, top-p, min-p, penalties, logit_bias, two choices) pick the same tokens as eager sampling."""
-    kwargs = dict(device="cpu", kernels="torch", max_batch=2, max_seq_len=SEQ, quiet=True)
-    params = dict(max_tokens=10, temperature=1.3, top_k=40, top_p=0.9, min_p=0.01, frequency_penalty=0.5,
-                  presence_penalty=0.3, repetition_penalty=1.2, logit_bias={"1000": 5.0, "2000": -100}, seed=11, n=2)
+@pytest.mark.parametrize("n, filtering", [(2, {"top_k": 40, "top_p": 0.9, "min_p": 0.01}), (5, {})])
+def test_compiled_sampling_draws_what_eager_draws(weights, n, filtering):
+    """The sampler runs inside the compiled step: seeded draws with penalties, logit_bias and n choices,
+    with top-k/top-p/min-p (their own compiled function) or without (5 rows: the largest batch
+    class), pick the same tokens as eager sampling."""
+    kwargs = dict(device="cpu", kernels="torch", max_batch=n, max_seq_len=SEQ, quiet=True)
+    params = dict(max_tokens=10, temperature=1.3, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2,
+                  logit_bias={"1000": 5.0, "2000": -100}, seed=11, n=n, **filtering)
     eager = Mistral.from_pretrained(weights, **kwargs).create_completion("Rivers:", **params)
     llm = Mistral.from_pretrained(weights, compile=True, **kwargs)
     compiled = llm.create_completion("Rivers:", **params)
     assert [c["text"] for c in compiled["choices"]] == [c["text"] for c in eager["choices"]]
-    assert compiled["choices"][0]["text"] != compiled["choices"][1]["text"]  # two draws, not one twice
-    assert llm.engine.compiled_step is not None and llm.engine.steps == 9
+    assert len({c["text"] for c in compiled["choices"]}) == n  # n draws, not one n times
+    assert llm.engine.compiled_step is not None and llm.engine.steps == 9 and compiled_graphs() > 0
 
 
 def test_compile_refuses_what_it_cannot_do(weights):
@@ -133,7 +145,8 @@ def test_a_failing_compiled_step_falls_back_to_eager(weights, caplog, when):
     on (a kernel failing halfway), leaves the completion exactly as eager decoding makes it."""
     kwargs = dict(device="cpu", kernels="torch", max_batch=1, max_seq_len=SEQ, quiet=True)
     params = dict(max_tokens=6, temperature=0.8, seed=5, frequency_penalty=0.5)
-    eager = Mistral.from_pretrained(weights, **kwargs).create_chat_completion(MESSAGES, **params)
+    reference = Mistral.from_pretrained(weights, **kwargs)
+    eager = reference.create_chat_completion(MESSAGES, **params)
     llm = Mistral.from_pretrained(weights, compile=True, **kwargs)
 
     def failing(*args):  # what a machine without a C++ compiler raises on the first decode step
@@ -144,6 +157,8 @@ def test_a_failing_compiled_step_falls_back_to_eager(weights, caplog, when):
     llm.engine.compiled_step = failing
     completion = llm.create_chat_completion(MESSAGES, **params)
     assert completion["choices"][0]["message"] == eager["choices"][0]["message"]
+    for name in ("tokens", "n_generated", "counts"):  # each generated token recorded once, penalties' counts too
+        assert torch.equal(getattr(llm.engine, name), getattr(reference.engine, name)), name
     assert llm.engine.compiled_step is None
     assert "decoding eagerly from now on" in caplog.text and "InvalidCxxCompiler" in caplog.text
 
@@ -168,6 +183,10 @@ def test_warm_up_decodes_at_each_batch_size_that_compiles_apart(weights):
     assert llm.engine.steps == 6 and not llm.engine.has_work() and llm.engine.compiled_step is not None
     llm.warm_up({"temperature": 0.7, "top_p": 0.9})
     assert llm.engine.steps == 9 and llm.engine.compiled_step is not None
+    prepared = compiled_graphs()
+    for n, temperature in ((1, 0.0), (2, 1.0), (3, 0.7)):  # warmed-up settings compile nothing more
+        llm.create_completion("Rivers:", max_tokens=3, n=n, temperature=temperature, top_p=0.9 if temperature == 0.7 else 1.0)
+    assert compiled_graphs() == prepared > 0
     with pytest.raises(RequestError, match="top_p"):
         llm.warm_up({"top_p": 2})
     llm.start()
