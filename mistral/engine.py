@@ -249,7 +249,7 @@ class Engine:
         hi = self.max_batch if self.fixed_batch_shape else rows[-1] + 1
         seqs = [self.running[r] for r in rows]
         flags = self._flags(seqs)
-        graphed = self.graphs(hi, (flags, self.logit_bias is not None)) if self.graphs is not None else None
+        graphed = self.graphs(hi, flags) if self.graphs is not None else None
         if graphed is not None:  # a replayed CUDA graph decoded rows 0..bucket-1 (see _graph_step)
             logits, next_tokens = graphed[0][:hi], graphed[1][:hi]
             self._record(0, hi, next_tokens, flags, fed=True)
@@ -321,12 +321,10 @@ class Engine:
             raise ValueError(f"compile=True (--compile) compiles the PyTorch ops; this model uses kernels="
                              f"{self.model.ops.name!r}: load it with kernels='torch' (--kernels torch), or leave "
                              "compile off on CUDA, where the Triton kernels run with CUDA graphs")
-        # The logit_bias table exists from the start, so that its existence is not one more thing a
-        # compiled step depends on: each batch class (1 row, 2-4, more) x set of sampling features
-        # (greedy or not, penalties, filtering: 6) is a compilation of its own, 18 in all. Where
-        # torch.compile takes a limit for one function (torch 2.13 does), allow them; elsewhere raise
-        # dynamo's global limit (8), past which a fullgraph compile raises (and we would fall back).
-        self.logit_bias = self._table(torch.float32)
+        # Each batch class (1 row, 2-4, more) x set of sampling features (greedy or not, penalties,
+        # filtering, logit_bias: 12) is a compilation of its own, 36 at most. Where torch.compile
+        # takes a limit for one function (torch 2.13 does), allow them; elsewhere raise dynamo's
+        # global limit (8), past which a fullgraph compile raises (and we would fall back).
         limit = {"recompile_limit": 64}
         if "recompile_limit" not in inspect.signature(torch.compile).parameters:
             limit = {}
@@ -334,7 +332,7 @@ class Engine:
         # Only the ints `batch` and `length` vary: the cache and the per-row state keep their shapes,
         # and marking them static spares every call their shape guards (in Python, ~0.1 ms a step).
         rows = (self.tokens, self.pos, self.active, self.n_generated, self.min_tokens, self.temperature, self.top_k,
-                self.top_p, self.min_p, self.presence, self.frequency, self.repetition, self.seed, self.logit_bias)
+                self.top_p, self.min_p, self.presence, self.frequency, self.repetition, self.seed)
         for t in (*self.cache.k, *self.cache.v, *rows):
             torch._dynamo.mark_static(t)
         # realize_opcount_threshold=0: store each intermediate rather than recompute it inside its
@@ -376,11 +374,11 @@ class Engine:
 
         return CapturedSteps(self._graph_step, self.max_batch)
 
-    def _graph_step(self, batch: int, key: tuple[BatchFlags, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _graph_step(self, batch: int, flags: BatchFlags) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step as captured: rows 0..batch-1 over the whole cache, sampled with the
-        features `key` names (the batch's flags, and whether a logit_bias table exists), since
-        those are host-side choices that the graph fixes. Reads only the engine's persistent tensors."""
-        return self._step(batch, key[0])
+        features `flags` names, since those are host-side choices that the graph fixes. Reads only
+        the engine's persistent tensors."""
+        return self._step(batch, flags)
 
     def _step(self, batch: int, flags: BatchFlags, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows 0..batch-1 one token further through the model, attending over `length` cache
@@ -468,19 +466,19 @@ class Engine:
     def _table(self, dtype: torch.dtype) -> torch.Tensor:
         """A [max_batch, V] table of per-row, per-token values, allocated when a request first needs it."""
         table = torch.zeros(self.max_batch, self.vocab_size, dtype=dtype, device=self.device)
-        if getattr(self, "compiled_step", None) is not None:
+        if self.compiled_step is not None:
             torch._dynamo.mark_static(table)  # as the other persistent tensors (see _compile_step)
         return table
 
     def _sampling(self, lo: int, hi: int, flags: BatchFlags) -> SamplingTensors:
-        """The settings of rows lo..hi-1; the penalty tables only for a batch that uses them (what a
+        """The settings of rows lo..hi-1; the per-token tables only for a batch that uses them (what a
         compiled step does not read, it does not guard on either)."""
         return SamplingTensors(
             temperature=self.temperature[lo:hi], top_k=self.top_k[lo:hi], top_p=self.top_p[lo:hi],
             min_p=self.min_p[lo:hi], presence_penalty=self.presence[lo:hi], frequency_penalty=self.frequency[lo:hi],
             repetition_penalty=self.repetition[lo:hi], seed=self.seed[lo:hi], step=self.n_generated[lo:hi],
             ban_eos=self.n_generated[lo:hi] < self.min_tokens[lo:hi],
-            logit_bias=self.logit_bias[lo:hi] if self.logit_bias is not None else None,
+            logit_bias=self.logit_bias[lo:hi] if flags.logit_bias else None,
             counts=self.counts[lo:hi] if flags.penalties else None,
             in_prompt=self.in_prompt[lo:hi] if flags.penalties else None,
         )
@@ -491,6 +489,7 @@ class Engine:
             greedy_only=all(s.params.temperature == 0 for s in seqs),
             penalties=any(s.params.uses_penalties for s in seqs),
             filtering=any(s.params.uses_filtering and s.params.temperature > 0 for s in seqs),
+            logit_bias=any(s.params.logit_bias for s in seqs),
         )
 
 

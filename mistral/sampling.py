@@ -66,7 +66,7 @@ class SamplingTensors:
     seed: torch.Tensor  # int64
     step: torch.Tensor  # int64: tokens generated so far (the noise counter)
     ban_eos: torch.Tensor  # bool
-    logit_bias: torch.Tensor | None = None  # [B, V] float, or None when no row has one
+    logit_bias: torch.Tensor | None = None  # [B, V] float, or None when no row has one (read with flags.logit_bias)
     counts: torch.Tensor | None = None  # [B, V] int32: how often each token was generated (penalties)
     in_prompt: torch.Tensor | None = None  # [B, V] bool: tokens of the prompt (repetition penalty)
 
@@ -78,6 +78,7 @@ class BatchFlags:
     greedy_only: bool = True
     penalties: bool = False
     filtering: bool = False  # any top-k / top-p / min-p
+    logit_bias: bool = False
 
 
 def apply_penalties(logits: torch.Tensor, s: SamplingTensors) -> torch.Tensor:
@@ -110,7 +111,7 @@ def filter_logits(logits: torch.Tensor, s: SamplingTensors) -> torch.Tensor:
 def sample(logits: torch.Tensor, s: SamplingTensors, flags: BatchFlags, eos_id: int) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> next tokens [B] int64."""
     logits = logits.to(torch.float32, copy=True)  # one copy, edited in place below; the caller's stay as they were
-    if s.logit_bias is not None:
+    if flags.logit_bias:
         logits = logits + s.logit_bias
     if flags.penalties:
         logits = apply_penalties(logits, s)
