@@ -176,3 +176,17 @@ def test_gpu_graph_engine_equals_eager_engine(folders, fixed_batch_shape):
         for a, b in zip(with_graphs, eager):
             if b.logprob is not None:
                 assert math.isclose(a.logprob, b.logprob, rel_tol=1e-4, abs_tol=1e-4)
+
+
+@torch.inference_mode()
+def test_each_request_draws_in_a_mixed_batch_what_it_draws_alone(folders):
+    """Five requests with different sampling features, decoded together on the CPU: each gets the
+    tokens it gets alone. The batch's flags are the union of its rows' features (one row's logit_bias
+    or penalties switch that work on for the whole batch); the other rows must not feel it."""
+    model = load_model(folders[0], device="cpu", max_seq_len=128, quiet=True)
+    prompts = [[1, 5 + i, 40 * i + 3, 7, 11 * i + 2][: 3 + i % 3] for i in range(len(SAMPLING))]
+    requests = list(zip(prompts, SAMPLING))
+    together = run_engine(Engine(model, max_batch=8, max_seq_len=128, fixed_batch_shape=True), requests)
+    for request, tokens in zip(requests, together):
+        (alone,) = run_engine(Engine(model, max_batch=8, max_seq_len=128, fixed_batch_shape=True), [request])
+        assert [e.token for e in tokens] == [e.token for e in alone]
