@@ -340,8 +340,7 @@ class Bench:
                 start = time.perf_counter()
                 engine.add(ids, GenerationParams(max_tokens=1, temperature=0.0),
                            lambda e: stamps.append(time.perf_counter()) if isinstance(e, TokenEvent) else None)
-                while engine.has_work():
-                    engine.step()
+                engine.run_until_idle()
                 seconds.append(stamps[0] - start)
             R.add("ttft", S, "time to first token", min(seconds[1:]) * 1e3, "ms",
                   f"{PREFILL_TOKENS}-token prompt through Engine ({'Triton' if self.cuda else 'PyTorch'} prefill): "
@@ -362,8 +361,7 @@ class Bench:
             for n in (self.warmup + 1, self.steps + 1):  # a warm-up (it captures the graph), then the timed run
                 stamps.clear()
                 engine.add(ids, GenerationParams(max_tokens=n, temperature=0.0, ignore_eos=True), emit)
-                while engine.has_work():
-                    engine.step()
+                engine.run_until_idle()
             rate = self.steps / (stamps[-1] - stamps[0])  # from the first token (prefill's) to the last
             how = "CUDA graphs" if engine.graphs is not None and engine.graphs.replays else "eager"
             R.add("engine.b1", S, "Engine, batch 1, context 128, streaming", rate, "tok/s",

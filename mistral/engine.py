@@ -192,6 +192,12 @@ class Engine:
             if not stop.is_set():
                 self.step()
 
+    def run_until_idle(self) -> None:
+        """Run steps on the calling thread until every queued and running sequence has finished
+        (for callers without an engine thread: warm-up, benchmarks, tests)."""
+        while self.has_work():
+            self.step()
+
     def wake(self) -> None:
         with self._cv:
             self._cv.notify_all()

@@ -132,8 +132,7 @@ class Mistral:
             for rows in self.engine.warm_up_batches():
                 for _ in range(rows):
                     self.engine.add(prompt, params, lambda event: None)
-                while self.engine.has_work():
-                    self.engine.step()
+                self.engine.run_until_idle()
 
     def stop(self) -> None:
         if self._thread is not None:

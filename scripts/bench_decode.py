@@ -168,8 +168,7 @@ def our_decode(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[list
 
     params = GenerationParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine.add(prompt, params, emit)
-    while engine.has_work():
-        engine.step()
+    engine.run_until_idle()
     assert len(stamps) == new_tokens, f"expected {new_tokens} tokens, got {len(stamps)}"
     return [t for t, _ in stamps], [token for _, token in stamps]
 

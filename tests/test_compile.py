@@ -70,8 +70,7 @@ def decode_both_ways(model, prompts: list[list[int]], steps: int = 5):
         engine.decode_step = keep_logits
         for prompt in prompts:
             engine.add(prompt, GenerationParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True), lambda event: None)
-        while engine.has_work():
-            engine.step()
+        engine.run_until_idle()
         assert len(seen) == steps
     assert engines["compiled"].compiled_step is not None and compiled_graphs() > 0  # compiled throughout
     return torch.stack(logits["eager"]), torch.stack(logits["compiled"]), engines["eager"], engines["compiled"]

@@ -126,8 +126,7 @@ def run_engine(engine: Engine, requests: list[tuple[list[int], GenerationParams]
     events: list[list] = [[] for _ in requests]
     for i, (prompt, params) in enumerate(requests):
         engine.add(prompt, params, events[i].append)
-    while engine.has_work():
-        engine.step()
+    engine.run_until_idle()
     for evs in events:
         assert isinstance(evs[-1], FinishEvent) and evs[-1].reason in ("length", "stop"), evs[-1]
     return [[e for e in evs if isinstance(e, TokenEvent)] for evs in events]

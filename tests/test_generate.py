@@ -97,8 +97,7 @@ def test_greedy_tokens_equal_transformers_generate(llm, oracle):
     got = []
     llm.engine.add(prompt, GenerationParams(max_tokens=30, temperature=0, ignore_eos=True),
                    lambda ev: got.append(ev.token) if isinstance(ev, TokenEvent) else None)
-    while llm.engine.has_work():
-        llm.engine.step()
+    llm.engine.run_until_idle()
     assert got == expected
 
     # and through the chat API: the text is the decode of those tokens (random weights: no EOS within 30)
