@@ -178,11 +178,20 @@ def load_model(
     max_seq_len: int = 32768,
     prefer: str | None = None,
     quiet: bool = False,
+    shard=None,
 ) -> Transformer:
     """Build the model described by `folder` and fill it with its weights.
 
     device defaults to CPU; dtype defaults to the checkpoint's own dtype (bfloat16 for v0.3).
+    shard: a `tp.Shard`, to build and read only one rank's part of a tensor-parallel model. Under
+    torchrun with more than one process, every rank loads its part (see tp.load_model).
     """
+    if shard is None:
+        from . import tp
+
+        if tp.launched():
+            return tp.load_model(folder, torch.device(device if device is not None else "cpu"), dtype=dtype,
+                                 kernels=kernels, max_seq_len=max_seq_len, prefer=prefer, quiet=quiet)
     ckpt = find_checkpoint(folder, prefer)
     args = ckpt.args()
     device = torch.device(device if device is not None else "cpu")
@@ -190,6 +199,9 @@ def load_model(
 
     with torch.device("meta"):
         model = Transformer(args, max_seq_len=max_seq_len)
+        full = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if shard is not None:
+        shard.apply(model)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
     state: dict[str, torch.Tensor] = {}
@@ -207,7 +219,9 @@ def load_model(
                 if name in seen_in:
                     raise CheckpointError(f"{path}: tensor {key!r} appears again (already in {seen_in[name]})")
                 try:
-                    tensor = f.get_tensor(key)
+                    tensor = f.get_tensor(key) if shard is None else shard.read(f, key, name, full[name], path)
+                except CheckpointError:
+                    raise
                 except Exception as e:
                     raise CheckpointError(f"{path}: cannot read tensor {key!r}, truncated or corrupt ({e})") from None
                 if tuple(tensor.shape) != expected[name]:
@@ -220,7 +234,7 @@ def load_model(
                 if not state:  # the first tensor tells the file's dtype: will the copies fit?
                     _check_memory(ckpt.folder, expected, tensor.dtype, dtype or tensor.dtype, device)
                 if ckpt.format == HF and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                    n = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+                    n = model.args.n_heads if name.endswith("wq.weight") else model.args.n_kv_heads
                     tensor = unpermute_from_hf(tensor, n)
                 # On CPU with the file's own dtype this is no copy: the parameter maps the file.
                 state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)

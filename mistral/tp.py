@@ -1,0 +1,238 @@
+"""Tensor parallelism: one model over N processes (GPUs, or CPU processes for the tests), Megatron style.
+
+Each of the N ranks holds 1/N of every large matrix and the whole of the small ones:
+
+    wq, wk, wv   rows split by heads: n_heads / N query heads, n_kv_heads / N key/value heads each,
+                 so each rank's attention is complete for its heads (GQA groups stay on one rank)
+    w1, w3       rows split: hidden_dim / N of the SwiGLU's width
+    wo, w2       columns split to match; each rank's product is a partial sum of the full one,
+                 added up across ranks by one all-reduce (two per layer in all)
+    output       rows split by vocabulary, and the N slices of the logits gathered
+    norms, tok_embeddings   replicated (the embedding lookup reads one row per token)
+
+The KV cache is split with the heads: each rank caches its own n_kv_heads / N heads.
+
+The sharding is applied from outside `model.py`, which stays the single-device architecture: the
+model is built on the meta device as usual, then `Shard.apply` shrinks its projections to this
+rank's part and swaps wo, w2 and output for the parallel versions below; `load_model(shard=...)`
+(loader.py) then reads only this rank's slices from the memory-mapped safetensors files
+(`Shard.read`), so each rank's memory holds about 1/N of the weights. Both on-disk formats work:
+Hugging Face's rotate-half permutation of wq/wk rows stays inside each head, so a slice of whole
+heads is unpermuted like a smaller checkpoint.
+
+Launching (see `load_model` below and tp_replay.py for how the ranks then cooperate):
+
+    torchrun --nproc-per-node 2 -m mistral.cli generate WEIGHTS --prompt "..."
+
+Collectives go through torch.distributed: NCCL for CUDA devices (rank r uses cuda:LOCAL_RANK), gloo
+on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import logging
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .args import ModelArgs
+from .errors import CheckpointError, MistralError
+from .model import Linear, Transformer, linear
+
+log = logging.getLogger("mistral")
+
+# How long one collective may wait for the other ranks before this rank gives up. A dead peer
+# process is noticed at once (its sockets close); this bounds a peer that hangs.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+
+class TensorParallelError(MistralError):
+    """The ranks cannot work together: a bad N, different weights, a rank gone."""
+
+
+# --- the parallel layers (module swaps for wo, w2 and output) --------------------------------------
+
+
+class RowParallelLinear(Linear):
+    """A Linear whose input features are split across ranks: each rank multiplies its slice of the
+    input by its columns of the weight, and the partial sums are added up across ranks."""
+
+    def __init__(self, in_features: int, out_features: int, group: dist.ProcessGroup | None):
+        super().__init__(in_features, out_features)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features / N] -> [..., out_features]
+        out = linear(x, self.weight)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+class VocabParallelLinear(Linear):
+    """The output head with its vocabulary rows split across ranks: each computes the logits of its
+    slice of the vocabulary, and the slices are gathered, so every rank ends with all the logits."""
+
+    def __init__(self, in_features: int, out_features: int, group: dist.ProcessGroup | None, world: int):
+        super().__init__(in_features, out_features)
+        self.group, self.world = group, world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., vocab_size]
+        part = linear(x, self.weight).contiguous()  # [..., vocab_size / N]
+        parts = [torch.empty_like(part) for _ in range(self.world)]
+        dist.all_gather(parts, part, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+# --- which rows or columns this rank holds ----------------------------------------------------------
+
+_ROWS = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+         "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+_COLUMNS = ("attention.wo.weight", "feed_forward.w2.weight")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank `rank`'s part of a model split `world` ways, and how to build and load it."""
+
+    rank: int
+    world: int
+    group: dist.ProcessGroup | None = None  # the model's collectives; None: the default group
+    control: dist.ProcessGroup | None = None  # gloo, no deadline: rank 0's step announcements (tp_replay.py)
+
+    def check(self, args: ModelArgs) -> None:
+        """Refuse a split that does not come out even (v0.3's 8 KV heads allow N = 1, 2, 4, 8)."""
+        for name in ("n_kv_heads", "n_heads", "hidden_dim", "vocab_size"):
+            value = getattr(args, name)
+            if value % self.world:
+                raise TensorParallelError(
+                    f"tensor parallelism over {self.world} ranks needs {name} ({value}) to be divisible by "
+                    f"{self.world}; this model splits over {_divisors(args)} ranks")
+
+    def local_args(self, args: ModelArgs) -> ModelArgs:
+        """The shape of one rank's part: its heads and its slice of the feed-forward (the residual
+        width and the vocabulary, whose logits are gathered, stay whole)."""
+        n = self.world
+        return dataclasses.replace(args, n_heads=args.n_heads // n, n_kv_heads=args.n_kv_heads // n,
+                                   hidden_dim=args.hidden_dim // n)
+
+    def apply(self, model: Transformer) -> Transformer:
+        """Shrink a model built on the meta device to this rank's part (before its weights are
+        loaded): smaller wq/wk/wv/w1/w3, the parallel wo/w2/output, and `model.args` describing the
+        part, so that `new_cache` allocates this rank's KV heads only."""
+        args = model.args
+        self.check(args)
+        local = self.local_args(args)
+        q, kv = local.n_heads * local.head_dim, local.n_kv_heads * local.head_dim
+        with torch.device("meta"):
+            for layer in model.layers:
+                attention, ff = layer.attention, layer.feed_forward
+                attention.n_heads, attention.n_kv_heads = local.n_heads, local.n_kv_heads
+                attention.wq, attention.wk, attention.wv = Linear(args.dim, q), Linear(args.dim, kv), Linear(args.dim, kv)
+                attention.wo = RowParallelLinear(q, args.dim, self.group)
+                ff.w1, ff.w3 = Linear(args.dim, local.hidden_dim), Linear(args.dim, local.hidden_dim)
+                ff.w2 = RowParallelLinear(local.hidden_dim, args.dim, self.group)
+            model.output = VocabParallelLinear(args.dim, args.vocab_size // self.world, self.group, self.world)
+        model.args = local
+        model.use_kernels(model.ops)  # the new modules take the model's kernels
+        return model
+
+    def read(self, f, key: str, name: str, full_shape: tuple[int, ...], path: Path) -> torch.Tensor:
+        """This rank's slice of tensor `key` (checkpoint name `name`) from the open safetensors file
+        `f`; only the slice's bytes are read from the memory map."""
+        # Copies, not views of the mapped file: one view left would keep the whole mapping alive, and
+        # with it every page a column slice touched (all of its tensor's); copied, each rank's memory
+        # holds its slices and nothing more once the file is closed.
+        if not name.endswith(_ROWS + _COLUMNS):
+            return f.get_tensor(key).clone()
+        part = f.get_slice(key)
+        shape = tuple(part.get_shape())
+        if shape != full_shape:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {list(shape)}, but the config implies {list(full_shape)}")
+        dim = 0 if name.endswith(_ROWS) else 1
+        size = shape[dim] // self.world
+        index = slice(self.rank * size, (self.rank + 1) * size)
+        return (part[index] if dim == 0 else part[:, index]).clone(memory_format=torch.contiguous_format)
+
+
+def _divisors(args: ModelArgs) -> str:
+    ok = [n for n in range(1, args.n_kv_heads + 1)
+          if not (args.n_kv_heads % n or args.n_heads % n or args.hidden_dim % n or args.vocab_size % n)]
+    return ", ".join(map(str, ok))
+
+
+# --- launching under torchrun -----------------------------------------------------------------------
+
+
+def launched() -> bool:
+    """Under torchrun (or any launcher that sets the same variables) with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> tuple[Shard, torch.device]:
+    """Join the process group the launcher describes (RANK, WORLD_SIZE, MASTER_ADDR...); returns this
+    rank's Shard and its device (cuda:LOCAL_RANK for a CUDA device)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
+    # The followers wait for rank 0's next step for as long as the server stays idle: on a group of
+    # their own, so that the model's collectives keep their deadline.
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return Shard(dist.get_rank(), dist.get_world_size(), control=control), device
+
+
+def load_model(folder: str | Path, device: torch.device, **kwargs):
+    """loader.load_model under torchrun: every rank loads its shard. On rank 0 this returns the model
+    behind a `Leader` (tp_replay.py), whose calls every rank runs together. On the other ranks it
+    does not return: they replay rank 0's model calls until rank 0 is done, then exit the process."""
+    from .loader import load_model as load_one
+    from .tp_replay import Leader, follow
+
+    shard, device = init(device)
+    model = load_one(folder, device=device, shard=shard, **kwargs)
+    check_same_weights(folder, kwargs.get("prefer"), model, shard)
+    if shard.rank == 0:
+        return Leader(model, shard)
+    try:
+        follow(model, shard)
+    except TensorParallelError as e:
+        print(f"mistral: rank {shard.rank}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # no exit handlers: they would wait on the process group that just failed
+    dist.destroy_process_group()
+    sys.exit(0)
+
+
+def check_same_weights(folder: str | Path, prefer: str | None, model: Transformer, shard: Shard) -> None:
+    """Refuse to run when the ranks read different checkpoints (another folder, another copy): their
+    slices would not add up to any model. Compares the config, the safetensors headers (names,
+    shapes, dtypes) and the sums of the replicated tensors, which every rank holds whole."""
+    from .loader import find_checkpoint
+
+    ckpt = find_checkpoint(folder, prefer)
+    digest = hashlib.sha256(ckpt.config_file.read_bytes())
+    for path in ckpt.tensor_files:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            digest.update(f.read(n))
+    sums = [float(p.double().sum()) for name, p in model.named_parameters() if "norm" in name or "tok_embeddings" in name]
+    mine = (digest.hexdigest()[:16], sums)
+    everyone: list = [None] * shard.world
+    dist.all_gather_object(everyone, mine, group=shard.control)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            what = "config or tensor layout" if theirs[0] != everyone[0][0] else "replicated tensors' values"
+            raise TensorParallelError(
+                f"rank {rank} read different weights from rank 0 ({what} differ): every rank must load the same "
+                f"checkpoint (rank {shard.rank} read {ckpt.folder})")
+

@@ -1,0 +1,163 @@
+"""Rank 0 drives, the other ranks follow: how the ranks of a tensor-parallel model make the same calls.
+
+Only rank 0 has a tokenizer, a scheduler (the Engine) and, for `serve`, the HTTP server. Every call
+it makes into the model must run on all ranks at once, since each layer ends in a collective. The
+engine makes three kinds of call: allocate a KV cache (once), prefill one row (the prompt's tokens
+into rows r..r+1 of the cache), and decode rows 0..B-1 one token further. So rank 0's model is a
+`Leader`, which announces each call before making it:
+
+    header  [op, B, T, cache id, first row, last row + 1, cache length, last_only]   8 int64, gloo
+    payload the call's token ids [B, T] and positions [B]                           int64, the model's group
+
+and each other rank runs `follow`: it receives the header and the payload and makes the same call
+on its own shard and its own KV cache (its share of the heads). Nothing else is sent: the logits
+come out whole on every rank (the output head's slices are gathered), but only rank 0 uses them;
+it samples, and the tokens it picks reach the followers as the input of the next call. So sampling
+happens once, and the followers never see a request, a sampling setting or a seed.
+
+The headers travel on a gloo group without a deadline, since a follower waits for the next one as
+long as the server stays idle; the payload and the model's collectives keep the short deadline of
+the default group (tp.COLLECTIVE_TIMEOUT). A rank that dies closes its sockets: the others' next
+collective fails, and they exit with an error naming what was lost (torchrun, seeing a worker fail,
+also stops the rest).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import sys
+import threading
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from .model import KVCache, Transformer
+from .tp import Shard, TensorParallelError
+
+EXIT, NEW_CACHE, FREE_CACHE, FORWARD = range(4)
+HEADER = 8  # int64s
+
+
+class Leader:
+    """Rank 0's model: the same interface as the `Transformer` it wraps (attributes are its), with
+    every call announced to the followers first. Thread-safe: one call at a time."""
+
+    def __init__(self, model: Transformer, shard: Shard):
+        self.model, self.shard = model, shard
+        self._lock = threading.Lock()
+        self._caches: dict[int, tuple[weakref.ref, int, int]] = {}  # id -> (cache, storage address, row stride)
+        self._ids = itertools.count()
+        self._closed = False
+        atexit.register(self.close)
+
+    def __getattr__(self, name: str):  # args, ops, output, max_seq_len, ...: the shard's own
+        return getattr(self.model, name)
+
+    def new_cache(self, max_batch: int, max_seq_len: int | None = None) -> KVCache:
+        max_seq_len = max_seq_len or self.model.max_seq_len
+        with self._lock:
+            for cache_id in [i for i, (ref, _, _) in self._caches.items() if ref() is None]:
+                self._announce(FREE_CACHE, cache_id)  # the followers drop their copy too
+                del self._caches[cache_id]
+            cache = self.model.new_cache(max_batch, max_seq_len)
+            cache_id = next(self._ids)
+            self._announce(NEW_CACHE, cache_id, max_batch, max_seq_len)
+            k = cache.k[0]
+            self._caches[cache_id] = (weakref.ref(cache), k.untyped_storage().data_ptr(), k.stride(0))
+        return cache
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T]
+        input_pos: torch.Tensor | None = None,  # [B]
+        cache: KVCache | None = None,  # a view of rows of a cache from new_cache
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        if torch.compiler.is_compiling() or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):
+            raise RuntimeError("a tensor-parallel model runs eagerly: each call is announced to the other ranks")
+        B, T = tokens.shape
+        with self._lock:
+            if cache is None:
+                header, payload = (B, T, -1, 0, 0, 0), tokens.reshape(-1)
+            else:
+                cache_id, first = self._locate(cache)
+                pos = input_pos if input_pos is not None else torch.zeros(B, dtype=torch.long, device=tokens.device)
+                header = (B, T, cache_id, first, first + cache.max_batch, cache.length)
+                payload = torch.cat([tokens.reshape(-1), pos.reshape(-1)])
+            self._announce(FORWARD, *header, int(last_only))
+            try:
+                dist.broadcast(payload.to(torch.long).contiguous(), src=0, group=self.shard.group)
+                return self.model(tokens, input_pos, cache, last_only)
+            except dist.DistError as e:
+                _lost(self.shard, e)
+
+    __call__ = forward
+
+    def close(self) -> None:
+        """Tell the followers to exit (at the latest when this process exits)."""
+        with self._lock:
+            if not self._closed and dist.is_initialized():
+                self._closed = True
+                self._announce(EXIT)
+
+    def _locate(self, view: KVCache) -> tuple[int, int]:
+        """Which cache `view` is a view of, and its first row there."""
+        k = view.k[0]
+        for cache_id, (ref, address, row_stride) in self._caches.items():
+            if ref() is not None and k.untyped_storage().data_ptr() == address:
+                return cache_id, k.storage_offset() // row_stride
+        raise ValueError("a tensor-parallel model's cache must come from its own new_cache()")
+
+    def _announce(self, op: int, *args: int) -> None:
+        header = torch.tensor([op, *args] + [0] * (HEADER - 1 - len(args)), dtype=torch.long)
+        try:
+            dist.broadcast(header, src=0, group=self.shard.control)
+        except dist.DistError as e:
+            _lost(self.shard, e)
+
+
+def follow(model: Transformer, shard: Shard) -> None:
+    """Make rank 0's model calls on this rank's shard, until rank 0 says it is done."""
+    caches: dict[int, KVCache] = {}
+    device = model.output.weight.device
+    header = torch.empty(HEADER, dtype=torch.long)
+    with torch.inference_mode():
+        while True:
+            try:
+                dist.broadcast(header, src=0, group=shard.control)
+            except dist.DistError as e:
+                _lost(shard, e)
+            op, *args = header.tolist()
+            if op == EXIT:
+                return
+            if op == NEW_CACHE:
+                cache_id, max_batch, max_seq_len = args[:3]
+                caches[cache_id] = model.new_cache(max_batch, max_seq_len)
+            elif op == FREE_CACHE:
+                caches.pop(args[0], None)
+            elif op == FORWARD:
+                B, T, cache_id, first, stop, length, last_only = args
+                payload = torch.empty(B * T + (B if cache_id >= 0 else 0), dtype=torch.long, device=device)
+                try:
+                    dist.broadcast(payload, src=0, group=shard.group)
+                    tokens = payload[: B * T].view(B, T)
+                    if cache_id < 0:
+                        model(tokens, last_only=bool(last_only))
+                    else:
+                        model(tokens, payload[B * T :], caches[cache_id].view(first, stop, length), bool(last_only))
+                except dist.DistError as e:
+                    _lost(shard, e)
+            else:
+                raise TensorParallelError(f"unknown step {op} from rank 0")
+
+
+def _lost(shard: Shard, e: Exception) -> None:
+    """A collective failed: another rank is gone or hung, and this group can do nothing more. Say
+    so on one line and leave at once (exit handlers would wait on the broken group)."""
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"mistral: rank {shard.rank} of {shard.world}: lost the other ranks of the tensor-parallel group "
+          f"({reason}); exiting", file=sys.stderr, flush=True)
+    os._exit(1)

@@ -1,0 +1,73 @@
+"""Tensor parallelism over 2 CPU processes (gloo), launched with torchrun: the sharded model computes
+what the single-process one does, each rank holding about half the weights."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mistral.args import ModelArgs
+from mistral.loader import load_model
+from mistral.make_random import make_random
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = [1, 5, 900, 77, 3, 1000]
+# Layers big enough next to the replicated embedding (and the Python process) for memory to tell.
+ARGS = ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=2048,
+                 norm_eps=1e-5, vocab_size=1024, rope_theta=1e6)
+
+
+def torchrun(*args: str, n: int = 2, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free port of its own) from the repository root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # this checkout's mistral, for the script
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and run.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited with {run.returncode}:\n{run.stderr[-4000:]}")
+    return run
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return [make_random(root / fmt, ARGS, fmt, "float32", seed=7, tokenizer=False) for fmt in ("consolidated", "hf")]
+
+
+def test_two_ranks_compute_the_single_process_logits_with_half_the_memory_each(checkpoints, tmp_path):
+    out = tmp_path / "tp.json"
+    torchrun("tests/tp_worker.py", str(out), ",".join(map(str, TOKENS)), *map(str, checkpoints))
+    results = json.loads(out.read_text())
+    ids = torch.tensor([TOKENS])
+    for folder, result in zip(checkpoints, results):
+        model = load_model(folder, quiet=True)
+        with torch.inference_mode():
+            expected = model(ids)[0]
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        for kind in ("prefill", "incremental"):
+            got = torch.tensor(result[kind])
+            assert (got - expected).abs().max().item() <= 1e-5, (folder.name, kind)
+        embedding = model.tok_embeddings.weight.numel() * 4
+        for rank in result["ranks"]:
+            assert rank["kv_heads"] == ARGS.n_kv_heads // 2
+            # the replicated embedding and norms whole, every other matrix halved
+            assert rank["weight_bytes"] < (full + embedding) / 2 + 64 * 1024, (folder.name, rank)
+            # What loading and running the shard added to the process: its weights, not the whole
+            # model's (loaded whole, the same measure grows by 1.2x `full`: the file's pages are mapped).
+            assert 0.4 * full < rank["rss_growth"] < 0.7 * full, (folder.name, rank, full)
+
+
+def test_mistral_logits_under_torchrun_equals_one_process(checkpoints, tmp_path):
+    folder = checkpoints[1]  # the HF format, fed one token at a time through rank 0's Leader
+    tokens = ",".join(map(str, TOKENS))
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    subprocess.run([sys.executable, "-m", "mistral.cli", "logits", str(folder), "--tokens", tokens, "--out", str(one)],
+                   cwd=ROOT, check=True, capture_output=True)
+    torchrun("-m", "mistral.cli", "logits", str(folder), "--tokens", tokens, "--out", str(two), "--incremental")
+    a, b = load_file(one)["logits"], load_file(two)["logits"]
+    assert a.shape == b.shape == (len(TOKENS), ARGS.vocab_size)
+    assert (a - b).abs().max().item() <= 1e-5
