@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mistral.args import ModelArgs
+from mistral.args import ModelArgs, preset
 from mistral.loader import load_model
 from mistral.make_random import make_random
 
@@ -71,3 +71,21 @@ def test_mistral_logits_under_torchrun_equals_one_process(checkpoints, tmp_path)
     a, b = load_file(one)["logits"], load_file(two)["logits"]
     assert a.shape == b.shape == (len(TOKENS), ARGS.vocab_size)
     assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The small preset with the real v3 tokenizer, for generation."""
+    return make_random(tmp_path_factory.mktemp("tp-small"), preset("small"), "consolidated", "float32", seed=11)
+
+
+@pytest.mark.parametrize("sampling", [
+    ["--temperature", "0"],
+    ["--temperature", "0.9", "--top-p", "0.95", "--seed", "5", "--repetition-penalty", "1.1"],
+], ids=["greedy", "sampled"])
+def test_generate_under_torchrun_gives_the_single_process_tokens(small, sampling):
+    command = ["-m", "mistral.cli", "generate", str(small), "--prompt", "Name three colours.", "--max-tokens", "24",
+               "--device", "cpu", "--kernels", "torch", *sampling]
+    one = subprocess.run([sys.executable, *command], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    two = torchrun(*command).stdout
+    assert len(one.strip()) > 10 and two == one
