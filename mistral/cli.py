@@ -474,6 +474,11 @@ def cmd_serve(a) -> None:
         print(f"mistral serve: {llm.model_name} is ready at {url}", file=sys.stderr, flush=True)
         return llm
 
+    from . import tp
+
+    if tp.follower():  # under torchrun, ranks other than 0 serve no HTTP: they load their shard, then follow rank 0
+        load()
+        return
     failed: list[BaseException] = []
 
     def stop_on_load_error(e: BaseException) -> None:

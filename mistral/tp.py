@@ -35,6 +35,7 @@ import datetime
 import hashlib
 import logging
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -60,6 +61,16 @@ class TensorParallelError(MistralError):
     """The ranks cannot work together: a bad N, different weights, a rank gone."""
 
 
+def collective(op, *args, **kwargs):
+    """Run a torch.distributed collective. Its failure (a rank gone, a deadline passed: gloo and NCCL
+    raise a plain RuntimeError) becomes a TensorParallelError, which no model error is mistaken for."""
+    try:
+        return op(*args, **kwargs)
+    except RuntimeError as e:
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise TensorParallelError(f"{op.__name__} failed: {reason}") from e
+
+
 # --- the parallel layers (module swaps for wo, w2 and output) --------------------------------------
 
 
@@ -73,7 +84,7 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features / N] -> [..., out_features]
         out = linear(x, self.weight)
-        dist.all_reduce(out, group=self.group)
+        collective(dist.all_reduce, out, group=self.group)
         return out
 
 
@@ -88,7 +99,7 @@ class VocabParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., vocab_size]
         part = linear(x, self.weight).contiguous()  # [..., vocab_size / N]
         parts = [torch.empty_like(part) for _ in range(self.world)]
-        dist.all_gather(parts, part, group=self.group)
+        collective(dist.all_gather, parts, part, group=self.group)
         return torch.cat(parts, dim=-1)
 
 
@@ -177,6 +188,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def follower() -> bool:
+    """A rank other than 0 of a torchrun launch: it serves nothing itself and follows rank 0's steps."""
+    return launched() and int(os.environ.get("RANK", "0")) != 0
+
+
 def init(device: torch.device) -> tuple[Shard, torch.device]:
     """Join the process group the launcher describes (RANK, WORLD_SIZE, MASTER_ADDR...); returns this
     rank's Shard and its device (cuda:LOCAL_RANK for a CUDA device)."""
@@ -228,7 +244,7 @@ def check_same_weights(folder: str | Path, prefer: str | None, model: Transforme
     sums = [float(p.double().sum()) for name, p in model.named_parameters() if "norm" in name or "tok_embeddings" in name]
     mine = (digest.hexdigest()[:16], sums)
     everyone: list = [None] * shard.world
-    dist.all_gather_object(everyone, mine, group=shard.control)
+    collective(dist.all_gather_object, everyone, mine, group=shard.control)
     for rank, theirs in enumerate(everyone):
         if theirs != everyone[0]:
             what = "config or tensor layout" if theirs[0] != everyone[0][0] else "replicated tensors' values"

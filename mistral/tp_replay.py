@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .model import KVCache, Transformer
-from .tp import Shard, TensorParallelError
+from .tp import Shard, TensorParallelError, collective
 
 EXIT, NEW_CACHE, FREE_CACHE, FORWARD = range(4)
 HEADER = 8  # int64s
@@ -80,6 +80,8 @@ class Leader:
             raise RuntimeError("a tensor-parallel model runs eagerly: each call is announced to the other ranks")
         B, T = tokens.shape
         with self._lock:
+            if self._closed:
+                raise TensorParallelError("the tensor-parallel group has been closed: the other ranks have exited")
             if cache is None:
                 header, payload = (B, T, -1, 0, 0, 0), tokens.reshape(-1)
             else:
@@ -89,9 +91,9 @@ class Leader:
                 payload = torch.cat([tokens.reshape(-1), pos.reshape(-1)])
             self._announce(FORWARD, *header, int(last_only))
             try:
-                dist.broadcast(payload.to(torch.long).contiguous(), src=0, group=self.shard.group)
+                collective(dist.broadcast, payload.to(torch.long).contiguous(), src=0, group=self.shard.group)
                 return self.model(tokens, input_pos, cache, last_only)
-            except dist.DistError as e:
+            except TensorParallelError as e:
                 _lost(self.shard, e)
 
     __call__ = forward
@@ -114,8 +116,8 @@ class Leader:
     def _announce(self, op: int, *args: int) -> None:
         header = torch.tensor([op, *args] + [0] * (HEADER - 1 - len(args)), dtype=torch.long)
         try:
-            dist.broadcast(header, src=0, group=self.shard.control)
-        except dist.DistError as e:
+            collective(dist.broadcast, header, src=0, group=self.shard.control)
+        except TensorParallelError as e:
             _lost(self.shard, e)
 
 
@@ -127,8 +129,8 @@ def follow(model: Transformer, shard: Shard) -> None:
     with torch.inference_mode():
         while True:
             try:
-                dist.broadcast(header, src=0, group=shard.control)
-            except dist.DistError as e:
+                collective(dist.broadcast, header, src=0, group=shard.control)
+            except TensorParallelError as e:
                 _lost(shard, e)
             op, *args = header.tolist()
             if op == EXIT:
@@ -142,22 +144,21 @@ def follow(model: Transformer, shard: Shard) -> None:
                 B, T, cache_id, first, stop, length, last_only = args
                 payload = torch.empty(B * T + (B if cache_id >= 0 else 0), dtype=torch.long, device=device)
                 try:
-                    dist.broadcast(payload, src=0, group=shard.group)
+                    collective(dist.broadcast, payload, src=0, group=shard.group)
                     tokens = payload[: B * T].view(B, T)
                     if cache_id < 0:
                         model(tokens, last_only=bool(last_only))
                     else:
                         model(tokens, payload[B * T :], caches[cache_id].view(first, stop, length), bool(last_only))
-                except dist.DistError as e:
+                except TensorParallelError as e:
                     _lost(shard, e)
             else:
                 raise TensorParallelError(f"unknown step {op} from rank 0")
 
 
-def _lost(shard: Shard, e: Exception) -> None:
+def _lost(shard: Shard, e: TensorParallelError) -> None:
     """A collective failed: another rank is gone or hung, and this group can do nothing more. Say
     so on one line and leave at once (exit handlers would wait on the broken group)."""
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"mistral: rank {shard.rank} of {shard.world}: lost the other ranks of the tensor-parallel group "
-          f"({reason}); exiting", file=sys.stderr, flush=True)
+          f"({e}); exiting", file=sys.stderr, flush=True)
     os._exit(1)

@@ -3,8 +3,10 @@ what the single-process one does, each rank holding about half the weights."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,94 @@ def test_generate_under_torchrun_gives_the_single_process_tokens(small, sampling
     one = subprocess.run([sys.executable, *command], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     two = torchrun(*command).stdout
     assert len(one.strip()) > 10 and two == one
+
+
+# --- serve under torchrun -------------------------------------------------------------------------
+
+SERVE_BATCH, SERVE_SEQ_LEN = 2, 192
+
+
+@pytest.fixture(scope="module")
+def tp_server(small, tmp_path_factory):
+    """`torchrun ... mistral.cli serve` over 2 ranks; yields (root URL, the torchrun process)."""
+    from test_server import free_port, wait_healthy
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("tp-serve") / "stderr.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "mistral.cli", "serve", str(small), "--port", str(port), "--max-batch", str(SERVE_BATCH),
+           "--max-seq-len", str(SERVE_SEQ_LEN), "--device", "cpu", "--kernels", "torch", "--served-model-name", "small"]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(root, timeout=120, process=process, log=log)
+        yield root, process, log
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # torchrun and its workers
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_serve_under_torchrun_answers_as_one_process(small, tp_server):
+    import openai
+
+    from mistral.generate import Mistral
+
+    root, _, _ = tp_server
+    client = openai.OpenAI(base_url=f"{root}/v1", api_key="none", max_retries=0)
+    library = Mistral.from_pretrained(small, "cpu", kernels="torch", max_batch=SERVE_BATCH,
+                                      max_seq_len=SERVE_SEQ_LEN, fixed_batch_shape=True)
+    messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+    expected = library.create_chat_completion(messages, max_tokens=20, temperature=0)["choices"][0]["message"]["content"]
+    answer = client.chat.completions.create(model="small", messages=messages, max_tokens=20, temperature=0)
+    assert answer.choices[0].message.content == expected
+    chunks = list(client.chat.completions.create(model="small", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+
+
+def test_a_cancelled_stream_under_torchrun_frees_its_row_and_the_ranks_stay_in_step(tp_server):
+    import httpx
+
+    root, _, _ = tp_server
+    body = {"model": "small", "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": SERVE_SEQ_LEN, "ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{root}/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                while not next(lines).startswith("data: "):
+                    pass
+            before = http.get(f"{root}/v1/debug/engine").json()
+            assert before["running"] == 1
+        deadline = time.monotonic() + 30
+        while (state := http.get(f"{root}/v1/debug/engine").json())["running"]:
+            assert time.monotonic() < deadline, state
+            time.sleep(0.02)
+        assert state["steps"] - before["steps"] <= 3
+        # the followers replayed exactly the leader's calls: the next request still runs on every rank
+        short = {**body, "stream": False, "max_tokens": 4}
+        assert http.post(f"{root}/v1/chat/completions", json=short).json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_rank_dying_stops_the_server_with_an_error(tp_server):
+    """Runs last: it takes the server down. torchrun sees its worker fail and stops the other."""
+    import httpx
+
+    root, process, log = tp_server
+    workers = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(process.pid)],
+                                              capture_output=True, text=True).stdout.split()]
+    ranks = {int(Path(f"/proc/{pid}/environ").read_bytes().split(b"RANK=")[1].split(b"\0")[0]): pid
+             for pid in workers if b"\0RANK=" in Path(f"/proc/{pid}/environ").read_bytes()}
+    os.kill(ranks[1], signal.SIGKILL)
+    assert process.wait(timeout=60) != 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{root}/health", timeout=2)
+    assert "rank      : 1" in log.read_text() and "SIGKILL" in log.read_text()
