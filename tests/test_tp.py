@@ -182,3 +182,54 @@ def test_a_rank_dying_stops_the_server_with_an_error(tp_server):
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{root}/health", timeout=2)
     assert "rank      : 1" in log.read_text() and "SIGKILL" in log.read_text()
+
+
+# --- clean failures -------------------------------------------------------------------------------
+
+
+def launch(commands: list[list[str]]) -> list[subprocess.Popen]:
+    """One process per rank, with the variables torchrun would set but no torchrun watching over them:
+    what each rank does about the others is its own."""
+    from test_server import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": str(len(commands))}
+    return [subprocess.Popen([sys.executable, "-m", "mistral.cli", *command], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r, command in enumerate(commands)]
+
+
+def test_a_rank_count_that_does_not_divide_the_heads_is_refused(small, tmp_path):
+    run = torchrun("-m", "mistral.cli", "logits", str(small), "--tokens", "1,2", "--out", str(tmp_path / "x"),
+                   n=3, check=False)
+    assert run.returncode != 0
+    assert "over 3 ranks needs n_kv_heads (2) to be divisible by 3; this model splits over 1, 2 ranks" in run.stderr
+
+
+def test_ranks_that_read_different_weights_are_refused(tmp_path):
+    folders = [make_random(tmp_path / str(seed), preset("small"), "consolidated", "float32", seed=seed, tokenizer=False)
+               for seed in (1, 2)]
+    ranks = launch([["logits", str(f), "--tokens", "1,2", "--out", str(tmp_path / "x")] for f in folders])
+    for rank in ranks:
+        _, err = rank.communicate(timeout=120)
+        assert rank.returncode != 0
+        assert "rank 1 read different weights from rank 0 (replicated tensors' values differ)" in err
+
+
+def test_a_follower_whose_leader_dies_exits_with_an_error(small):
+    from test_server import free_port, wait_healthy
+
+    port = free_port()
+    serve = ["serve", str(small), "--port", str(port), "--device", "cpu", "--kernels", "torch", "--max-batch", "1",
+             "--max-seq-len", "64"]
+    leader, follower = launch([serve, serve])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", timeout=120, process=leader)
+        leader.kill()
+        _, err = follower.communicate(timeout=30)
+        assert follower.returncode == 1
+        assert err.strip().splitlines()[-1].startswith("mistral: rank 1 of 2: lost the other ranks of the tensor-parallel group")
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()
