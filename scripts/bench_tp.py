@@ -1,0 +1,178 @@
+"""Benchmark: tensor parallelism on this CPU, TP=1 against TP=2 (gloo), as a correctness and overhead figure.
+
+Two processes on a 2-core machine split the cores, not add to them: this measures what the split
+costs (the collectives, the replayed calls), not a speed-up. Each configuration runs in its own
+`torchrun --standalone` launch of this script, and the configurations alternate, --runs times:
+
+  TP=1, 2 threads   the plain model, as `mistral generate` runs it here
+  TP=1, 1 thread    the same with one thread: the compute one rank of TP=2 has
+  TP=2, 1 thread each
+
+What each launch measures (batch 1, greedy, fp32, eager, EOS ignored):
+
+  decode tok/s   `Engine` (engine.py) through rank 0's `Leader` (tp_replay.py): --tokens new tokens after
+                 a 16-token prompt; (tokens - 1) / time from the first token to the last, and 1 / the
+                 median time between two tokens. The greedy tokens of every launch must be the same
+                 (printed loudly otherwise, exit status 1).
+  collectives    (TP=2) the median time of each collective a decode step makes, each timed alone over
+                 200 calls: all-reduce of [1, 1, dim] fp32 (2 per layer), all-gather of the logits'
+                 slices [1, 1, vocab / 2], and rank 0's two broadcasts (the 8-int64 header, the step's
+                 token and position); their sum per step, and its share of the step.
+  output head    (TP=2) the vocabulary split with a gather, against a replicated head: one rank's
+                 mat-vec over vocab / 2 rows plus the gather, and a mat-vec over all rows (median of 50).
+
+    python scripts/bench_tp.py [--cache weights/bench] [--preset 0.5b] [--tokens 64] [--runs 2]
+
+The random checkpoint (0.5b fp32: 2 GB) is written under --cache if absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = [("TP=1, 2 threads", 1, None), ("TP=1, 1 thread", 1, 1), ("TP=2, 1 thread each", 2, 1)]
+PROMPT_LEN = 16
+
+
+def median_time(fn, calls: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def collectives(args, shard) -> dict:
+    """Each collective of a decode step, timed alone on every rank (rank 0's figures are kept)."""
+    import torch.distributed as dist
+
+    from mistral.model import linear
+
+    x = torch.randn(1, 1, args.dim)
+    part = torch.randn(1, 1, args.vocab_size // shard.world)
+    parts = [torch.empty_like(part) for _ in range(shard.world)]
+    header, payload = torch.zeros(8, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    w_half = torch.randn(args.vocab_size // shard.world, args.dim) * 0.02
+    w_full = torch.randn(args.vocab_size, args.dim) * 0.02
+    t = {
+        "all_reduce": median_time(lambda: dist.all_reduce(x), 200),
+        "all_gather": median_time(lambda: dist.all_gather(parts, part), 200),
+        "header": median_time(lambda: dist.broadcast(header, 0, group=shard.control), 200),
+        "payload": median_time(lambda: dist.broadcast(payload, 0), 200),
+    }
+    dist.barrier()
+    t["head_split"] = median_time(lambda: linear(x, w_half), 50) + t["all_gather"]
+    t["head_replicated"] = median_time(lambda: linear(x, w_full), 50)
+    t["per_step"] = 2 * args.n_layers * t["all_reduce"] + t["all_gather"] + t["header"] + t["payload"]
+    return t
+
+
+def worker(a) -> None:
+    from mistral import tp
+    from mistral.engine import Engine, GenerationParams, TokenEvent
+    from mistral.loader import find_checkpoint, load_model
+
+    args = find_checkpoint(a.weights).args()
+    figures: dict = {"threads": torch.get_num_threads()}
+    if tp.launched():
+        shard, _ = tp.init(torch.device("cpu"))
+        figures["collectives"] = collectives(args, shard)
+    model = load_model(a.weights, max_seq_len=512, quiet=True)  # rank 0 only gets past this under TP
+    engine = Engine(model, max_batch=1, max_seq_len=512)
+    prompt = torch.randint(3, args.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def generate(n: int) -> list[tuple[float, int]]:
+        stamps: list[tuple[float, int]] = []
+        engine.add(prompt, GenerationParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                   lambda e: stamps.append((time.perf_counter(), e.token)) if isinstance(e, TokenEvent) else None)
+        engine.run_until_idle()
+        return stamps
+
+    generate(4)  # first-call allocations
+    stamps = generate(a.tokens)
+    gaps = [b[0] - a_[0] for a_, b in zip(stamps, stamps[1:])]
+    figures.update(tokens=[t for _, t in stamps], tok_s=(len(stamps) - 1) / (stamps[-1][0] - stamps[0][0]),
+                   median_step_s=statistics.median(gaps))
+    Path(a.out).write_text(json.dumps(figures))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", type=Path, default=ROOT / "weights" / "bench")
+    p.add_argument("--preset", default="0.5b")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        worker(a)
+        return 0
+
+    from mistral.args import preset
+    from mistral.make_random import make_random
+    from mistral.measure import cpu_name
+
+    weights = a.cache / f"{a.preset}-float32-consolidated"
+    if not (weights / "params.json").exists():
+        print(f"writing a random {a.preset} checkpoint to {weights} ...", flush=True)
+        make_random(weights, preset(a.preset), "consolidated", "float32", seed=0, tokenizer=False)
+    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {datetime.date.today()}, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(a.runs):
+            for name, n, threads in CONFIGS:
+                out = Path(tmp) / f"{run}-{n}-{threads}.json"
+                env = {**os.environ, "PYTHONPATH": str(ROOT)}
+                env.pop("OMP_NUM_THREADS", None)
+                if threads is not None:
+                    env["OMP_NUM_THREADS"] = str(threads)
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                       __file__, "--worker", "--weights", str(weights), "--out", str(out), "--tokens", str(a.tokens)]
+                subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL)
+                results[name].append(json.loads(out.read_text()))
+                r = results[name][-1]
+                print(f"run {run + 1}  {name:22s} {r['tok_s']:6.1f} tok/s  median step {r['median_step_s'] * 1e3:6.1f} ms",
+                      flush=True)
+
+    reference = results[CONFIGS[0][0]][0]["tokens"]
+    same = all(r["tokens"] == reference for rs in results.values() for r in rs)
+    print(f"\n| configuration | decode tok/s (best of {a.runs}) | median step (ms) |\n|---|---|---|")
+    for name, rs in results.items():
+        print(f"| {name} | {max(r['tok_s'] for r in rs):.1f} | {min(r['median_step_s'] for r in rs) * 1e3:.1f} |")
+    c = [r["collectives"] for r in results[CONFIGS[2][0]]]
+    best = {k: min(x[k] for x in c) for k in c[0]}
+    step = min(r["median_step_s"] for r in results[CONFIGS[2][0]])
+    n_layers = preset(a.preset).n_layers
+    print(f"\nTP=2 collectives (median of 200 each, best of {a.runs} launches): all-reduce [1, 1, dim] "
+          f"{best['all_reduce'] * 1e6:.0f} us x {2 * n_layers}, all-gather of the logits {best['all_gather'] * 1e6:.0f} us, "
+          f"header broadcast {best['header'] * 1e6:.0f} us, step-input broadcast {best['payload'] * 1e6:.0f} us: "
+          f"{best['per_step'] * 1e3:.2f} ms per step = {100 * best['per_step'] / step:.0f}% of the TP=2 median step")
+    print(f"output head on one rank: split + gather {best['head_split'] * 1e3:.2f} ms, replicated "
+          f"{best['head_replicated'] * 1e3:.2f} ms")
+    print(f"greedy tokens identical across all launches: {same}")
+    if not same:
+        print("!!! TP=2 decoded other tokens than TP=1 !!!")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
