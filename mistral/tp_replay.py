@@ -104,6 +104,7 @@ class Leader:
             if not self._closed and dist.is_initialized():
                 self._closed = True
                 self._announce(EXIT)
+                dist.destroy_process_group()
 
     def _locate(self, view: KVCache) -> tuple[int, int]:
         """Which cache `view` is a view of, and its first row there."""
