@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,15 @@ def test_serve_under_torchrun_answers_as_one_process(small, tp_server):
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+
+    # Two at once: the second is prefilled into row 1, so the followers must find the same rows.
+    prompts = [[{"role": "user", "content": text}] for text in ("Hello!", "What is the capital of France?")]
+    alone = [library.create_chat_completion(m, max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
+             for m in prompts]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda m: client.chat.completions.create(
+            model="small", messages=m, max_tokens=24, temperature=0).choices[0].message.content, prompts))
+    assert together == alone
 
 
 def test_a_cancelled_stream_under_torchrun_frees_its_row_and_the_ranks_stay_in_step(tp_server):
