@@ -244,3 +244,15 @@ def test_a_follower_whose_leader_dies_exits_with_an_error(small):
         for p in (leader, follower):
             if p.poll() is None:
                 p.kill()
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_with_its_full_shape(tmp_path):
+    from mistral.errors import CheckpointError
+    from mistral.tp import Shard
+
+    folder = make_random(tmp_path / "c", preset("small"), "consolidated", "float32", tokenizer=False)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "hidden_dim": 1024}))  # the file holds 512
+    with pytest.raises(CheckpointError, match=r"consolidated.safetensors: tensor 'layers.0.feed_forward.w1.weight' "
+                                              r"has shape \[512, 256\], but the config implies \[1024, 256\]"):
+        load_model(folder, shard=Shard(1, 2), quiet=True)
