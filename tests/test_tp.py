@@ -172,10 +172,10 @@ def test_a_cancelled_stream_under_torchrun_frees_its_row_and_the_ranks_stay_in_s
         while (state := http.get(f"{root}/v1/debug/engine").json())["running"]:
             assert time.monotonic() < deadline, state
             time.sleep(0.02)
-        # Stopped long before its ~185 remaining tokens. (Looser than test_server's 3 steps: a TP step
-        # of the small model is a few ms, and on a loaded 2-core machine the server may take several to
-        # see the closed connection.)
-        assert state["steps"] - before["steps"] <= 16, state
+        # Stopped long before its ~185 remaining tokens. Looser than test_server's 3 steps: a TP step of
+        # the small model takes a few ms, and on a loaded 2-core machine (load average 12) the server's
+        # event loop took up to 23 of them to see the closed connection.
+        assert state["steps"] - before["steps"] <= 64, state
         # the followers replayed exactly the leader's calls: the next request still runs on every rank
         short = {**body, "stream": False, "max_tokens": 4}
         assert http.post(f"{root}/v1/chat/completions", json=short).json()["usage"]["completion_tokens"] == 4
