@@ -349,7 +349,7 @@ def parse_indices(text: str | None, n: int, what: str) -> list[int]:
     if text is None or text.strip().lower() == "all":
         return list(range(n))
     chosen: list[int] = []
-    for part in text.replace(" ", "").split(","):
+    for part in (part.strip() for part in text.split(",")):  # `0 15` is refused, not read as 015
         try:
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1)
