@@ -29,6 +29,7 @@ import torch
 
 from .errors import MistralError
 from .model import Transformer
+from .progress import progress
 
 MAX_TOKENS = 512  # attention maps are T × T per head: beyond this neither the PNGs nor the JSON are readable
 
@@ -330,17 +331,16 @@ def write_report(
         raise MistralError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     pieces = pieces or str
-    written = []
     path = out / "inspect.json"
     path.write_text(json.dumps(to_json(t, layers, heads, prompt, pieces), ensure_ascii=False) + "\n")
-    written.append(path)
-    for layer in layers:
-        path = out / f"attention_layer{layer:02d}.png"
-        plot_attention(t, layer, heads, path)
+    written = [path]
+    pictures = [(out / f"attention_layer{layer:02d}.png", functools.partial(plot_attention, t, layer, heads))
+                for layer in layers]
+    pictures += [(out / "logit_lens.png", functools.partial(plot_logit_lens, t, pieces=pieces)),
+                 (out / "residual_norms.png", functools.partial(plot_residual_norms, t))]
+    for path, draw in progress(pictures, desc="drawing", unit="picture"):  # one picture per layer: seconds each
+        draw(path=path)
         written.append(path)
-    plot_logit_lens(t, out / "logit_lens.png", pieces)
-    plot_residual_norms(t, out / "residual_norms.png")
-    written += [out / "logit_lens.png", out / "residual_norms.png"]
     return written
 
 
