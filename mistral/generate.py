@@ -1,6 +1,6 @@
 """`Mistral`: chat and text completions that return what an OpenAI-compatible provider returns.
 
-    llm = Mistral.from_pretrained("weights/Mistral-7B-Instruct-v0.3", device="cuda", dtype="bfloat16")
+    llm = Mistral.from_pretrained("weights/Mistral-7B-Instruct-v0.3")   # a GPU in bf16 if there is one, else the CPU
     for chunk in llm.create_chat_completion(messages=[...], max_tokens=512, stream=True):
         print(chunk["choices"][0]["delta"].get("content", ""), end="")
 
