@@ -79,14 +79,12 @@ def add_engine_flags(p) -> None:
                         "compiles (~10 s to a minute; needs a C++ compiler)")
 
 
-def weights_folder(a) -> Path:
-    """WEIGHTS as a local folder holding a checkpoint (a repo id is downloaded first)."""
+def find_weights(a):
+    """The checkpoint WEIGHTS names, in a local folder (a repo id is downloaded first)."""
     from .hub import resolve_weights
     from .loader import find_checkpoint
 
-    folder = resolve_weights(a.weights, a.format)
-    find_checkpoint(folder, a.format)
-    return folder
+    return find_checkpoint(resolve_weights(a.weights, a.format), a.format)
 
 
 # --- make-random -------------------------------------------------------------------------------
@@ -132,17 +130,17 @@ def cmd_logits(a) -> None:
     from safetensors.torch import save_file
 
     from .devices import resolve_device
-    from .loader import find_checkpoint, load_model
+    from .loader import load_model
 
     ids = parse_int_list(a.tokens, "--tokens")
     device = resolve_device(a.device)
-    folder = weights_folder(a)
-    vocab = find_checkpoint(folder, a.format).args().vocab_size
+    checkpoint = find_weights(a)
+    vocab = checkpoint.args().vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise MistralError(f"--tokens: ids {bad} are outside the vocabulary [0, {vocab})")
     started = time.perf_counter()
-    model = load_model(folder, device=device, dtype=a.dtype, kernels=a.kernels, prefer=a.format,
+    model = load_model(checkpoint.folder, device=device, dtype=a.dtype, kernels=a.kernels, prefer=a.format,
                        max_seq_len=max(len(ids), 16))
     logging.getLogger("mistral").info("load time: %.2f s", time.perf_counter() - started)
     tokens = torch.tensor([ids], device=device)
@@ -243,13 +241,13 @@ def add_inspect(sub) -> None:
 def cmd_inspect(a) -> None:
     from .devices import resolve_device
     from .lens import parse_indices, require_matplotlib, token_labels, trace, write_report
-    from .loader import find_checkpoint, load_model
+    from .loader import load_model
     from .tokenizer import Tokenizer
 
     require_matplotlib()  # before anything is loaded or written
     device = resolve_device(a.device)
-    folder = weights_folder(a)
-    args = find_checkpoint(folder, a.format).args()
+    checkpoint = find_weights(a)
+    folder, args = checkpoint.folder, checkpoint.args()
     layers = parse_indices(a.layers, args.n_layers, "layers")
     heads = parse_indices(a.heads, args.n_heads, "heads")
     tokenizer = None
@@ -515,7 +513,7 @@ def cmd_serve(a) -> None:
     api_key = a.api_key if a.api_key is not None else os.environ.get("MISTRAL_API_KEY") or None
     # What would fail once the server is up is checked before it says it listens.
     resolve_device(a.device)
-    weights_folder(a)
+    find_weights(a)
     sock = bind(a.host, a.port)
     url = f"http://{a.host}:{sock.getsockname()[1]}/v1"
 
