@@ -52,6 +52,7 @@ import torch
 
 from .args import ModelArgs, preset
 from .describe import GPU, decode_cost, prefill_cost
+from .devices import resolve_device
 from .engine import Engine, GenerationParams, TokenEvent, _bucket
 from .measure import (CORRECT_PROMPT, CORRECT_STEPS, best_time, copy_bandwidth, cpu_name, decode_rate, fast_logits,
                       fp32_references, hf_compiled_rates, hf_eager_rate, matmul_rate, prefill, random_model,
@@ -446,7 +447,8 @@ def _verdict(ok: bool) -> str:
 
 
 def _target(cuda: bool, ok: bool, what: str) -> str:
-    return f"; {what}: {'met' if ok else 'NOT met'}" + ("" if cuda else " (the targets are for an H100)")
+    # The targets are an H100's: on a CPU the ratios are for the record, not a verdict.
+    return f"; {what}: {'met' if ok else 'NOT met'}" if cuda else ""
 
 
 def _of_floor(rate: float, floor: float | None) -> str:
@@ -484,8 +486,7 @@ def main(a) -> int:
         raise ValueError(f"--steps must be positive, got {a.steps}")
     if a.preset is not None:
         preset(a.preset)  # a clear error for an unknown name
-    if a.device is not None and torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here")
+    resolve_device(a.device)  # one line for a device that is not here
     report = Bench(a).run()  # writes --json (and the table beside it, .md) as it goes
     print(report.table())
     return 0

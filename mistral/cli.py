@@ -11,7 +11,9 @@
     mistral serve WEIGHTS [--port 8000] [--api-key KEY] [--served-model-name NAME] [--max-batch N]
     mistral bench [--preset small] [--device cpu] [--quick] [--json bench.json]
 
-Errors from bad input end the command with one line on stderr and exit status 2.
+Every command that loads weights takes the same model flags (add_model_flags): WEIGHTS (a folder or
+a Hub repo id), --format, --device, --dtype, --kernels. Errors from bad input end the command with
+one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -19,11 +21,70 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+from . import __version__
 from .errors import MistralError
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """`1,3,1000,4` (spaces around the commas allowed) as a list; anything else is refused, so
+    that `1 3 4` does not quietly become 134."""
+    parts = [part.strip() for part in text.split(",")]
+    if parts == [""]:
+        raise MistralError(f"{flag} is empty")
+    if not all(part.lstrip("+-").isdigit() for part in parts):
+        raise MistralError(f"{flag} must be comma-separated integers (e.g. 1,3,4), got {text!r}")
+    return [int(part) for part in parts]
+
+
+# --- the model flags: one definition for every command that loads weights -----------------------
+
+
+def add_model_flags(p, *, device: str | None = None, dtype: str | None = None, kernels: str = "auto") -> None:
+    """WEIGHTS and how to load them. The keyword arguments are the command's defaults (logits keeps
+    float32 on the CPU: its output is a comparison contract)."""
+    p.add_argument("weights", metavar="WEIGHTS", help="a weights folder, or a Hub repo id (owner/name) to download")
+    p.add_argument("--format", default=None, choices=["consolidated", "hf"],
+                   help="which format to read when the folder holds both, or to download (default: consolidated)")
+    p.add_argument("--device", default=device,
+                   help="cpu, cuda or cuda:N" + ("" if device else " (default: cuda if available, else cpu)"))
+    p.add_argument("--dtype", default=dtype, choices=DTYPES,
+                   help="the weights' dtype in memory"
+                        + ("" if dtype else " (default: bfloat16 on CUDA, the checkpoint's own on the CPU)"))
+    p.add_argument("--kernels", default=kernels, choices=["torch", "triton", "auto"],
+                   help="torch: the PyTorch ops; triton: the Triton kernels (CUDA); auto: triton on CUDA, else torch")
+
+
+def add_engine_flags(p) -> None:
+    """The flags of the commands that generate: the KV cache and the CPU fast path."""
+    p.add_argument("--max-seq-len", type=int, default=8192, help="context length: KV-cache positions per sequence")
+    p.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile: 2-3.5x faster on the CPU, after a warm-up that "
+                        "compiles (~10 s to a minute; needs a C++ compiler)")
+
+
+def find_weights(a):
+    """The checkpoint WEIGHTS names, in a local folder (a repo id is downloaded first)."""
+    from .hub import resolve_weights
+    from .loader import find_checkpoint
+
+    return find_checkpoint(resolve_weights(a.weights, a.format), a.format)
 
 
 # --- make-random -------------------------------------------------------------------------------
@@ -31,11 +92,12 @@ from .errors import MistralError
 
 def add_make_random(sub) -> None:
     p = sub.add_parser("make-random", help="write a random-weight checkpoint of the real shapes")
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--preset", default="small", help="small, 0.5b or 7b-v0.3 (default: small)")
-    p.add_argument("--format", default="consolidated", choices=["consolidated", "hf"])
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", type=Path, help="the folder to write (created if absent)")
+    p.add_argument("--preset", default="small", help="small, 0.5b or 7b-v0.3")
+    p.add_argument("--format", default="consolidated", choices=["consolidated", "hf"],
+                   help="consolidated: Mistral's params.json + consolidated.safetensors; hf: config.json + shards")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="the tensors' dtype on disk")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same model in both formats")
     p.add_argument("--no-tokenizer", action="store_true", help="don't copy mistral-common's v3 tokenizer in")
     p.set_defaults(run=cmd_make_random)
 
@@ -56,48 +118,37 @@ def cmd_make_random(a) -> None:
 
 def add_logits(sub) -> None:
     p = sub.add_parser("logits", help="write the logits at every position of a token sequence")
-    p.add_argument("weights", type=Path)
+    add_model_flags(p, device="cpu", dtype="float32", kernels="torch")
     p.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,3,1000,4")
     p.add_argument("--out", required=True, type=Path, help="a .safetensors file: one float32 tensor 'logits' [T, vocab]")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--incremental", action="store_true", help="feed the tokens one by one through the KV cache")
-    p.add_argument("--kernels", default="torch", choices=["torch", "triton", "auto"])
-    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
     p.set_defaults(run=cmd_logits)
-
-
-def parse_token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise MistralError(f"--tokens must be comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise MistralError("--tokens is empty")
-    return ids
 
 
 def cmd_logits(a) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from .loader import find_checkpoint, load_model
+    from .devices import resolve_device
+    from .loader import load_model
 
-    ids = parse_token_ids(a.tokens)
-    vocab = find_checkpoint(a.weights, a.format).args().vocab_size
+    ids = parse_int_list(a.tokens, "--tokens")
+    device = resolve_device(a.device)
+    checkpoint = find_weights(a)
+    vocab = checkpoint.args().vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise MistralError(f"--tokens: ids {bad} are outside the vocabulary [0, {vocab})")
     started = time.perf_counter()
-    model = load_model(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels, prefer=a.format,
+    model = load_model(checkpoint.folder, device=device, dtype=a.dtype, kernels=a.kernels, prefer=a.format,
                        max_seq_len=max(len(ids), 16))
     logging.getLogger("mistral").info("load time: %.2f s", time.perf_counter() - started)
-    tokens = torch.tensor([ids], device=a.device)
+    tokens = torch.tensor([ids], device=device)
     with torch.inference_mode():
         if a.incremental:
             cache = model.new_cache(1, len(ids))
             logits = torch.cat([
-                model(tokens[:, t : t + 1], torch.tensor([t], device=a.device), cache) for t in range(len(ids))
+                model(tokens[:, t : t + 1], torch.tensor([t], device=device), cache) for t in range(len(ids))
             ], dim=1)
         else:
             logits = model(tokens)
@@ -157,7 +208,7 @@ def add_describe(sub) -> None:
     p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="KV cache dtype (default: the weights', bfloat16 for int8/int4)")
     p.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
-    p.add_argument("--seq-lens", default="512,4096,32768", help="sequence lengths of the roofline table")
+    p.add_argument("--seq-lens", default="512,4096,32768", help="comma-separated sequence lengths of the roofline table")
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="context for the full KV-cache size")
     p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
     p.set_defaults(run=cmd_describe)
@@ -166,10 +217,7 @@ def add_describe(sub) -> None:
 def cmd_describe(a) -> None:
     from .describe import describe, gpu, resolve
 
-    try:
-        seq_lens = tuple(int(n) for n in a.seq_lens.replace(" ", "").split(",") if n)
-    except ValueError:
-        raise MistralError(f"--seq-lens must be comma-separated integers, got {a.seq_lens!r}") from None
+    seq_lens = tuple(parse_int_list(a.seq_lens, "--seq-lens"))
     args, source, checkpoint = resolve(a.source, a.format)
     d = describe(args, source, a.dtype, a.kv_dtype, gpu(a.gpu, a.bandwidth, a.tflops), a.batch, seq_lens,
                  a.max_context, checkpoint)
@@ -178,7 +226,7 @@ def cmd_describe(a) -> None:
 
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="one forward pass, drawn: attention maps, logit lens, residual norms")
-    p.add_argument("weights", type=Path)
+    add_model_flags(p, device="cpu", kernels="torch")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text, encoded with BOS")
     what.add_argument("--tokens", help="comma-separated token ids instead of a prompt")
@@ -187,24 +235,24 @@ def add_inspect(sub) -> None:
     p.add_argument("--heads", default="all", help="heads to draw in each layer: all, or e.g. 0-3 (default all)")
     p.add_argument("--top-k", type=int, default=5, help="tokens kept per position by the logit lens (default 5)")
     p.add_argument("--out", required=True, type=Path, help="folder for inspect.json and the PNGs")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: the checkpoint's own")
-    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
     p.set_defaults(run=cmd_inspect)
 
 
 def cmd_inspect(a) -> None:
-    from .lens import parse_indices, token_labels, trace, write_report
-    from .loader import find_checkpoint, load_model
+    from .devices import resolve_device
+    from .lens import parse_indices, require_matplotlib, token_labels, trace, write_report
+    from .loader import load_model
     from .tokenizer import Tokenizer
 
-    args = find_checkpoint(a.weights, a.format).args()
+    require_matplotlib()  # before anything is loaded or written
+    device = resolve_device(a.device)
+    checkpoint = find_weights(a)
+    folder, args = checkpoint.folder, checkpoint.args()
     layers = parse_indices(a.layers, args.n_layers, "layers")
     heads = parse_indices(a.heads, args.n_heads, "heads")
     tokenizer = None
     try:
-        tokenizer = Tokenizer.from_path(a.weights)
+        tokenizer = Tokenizer.from_path(folder)
     except MistralError:
         if a.tokens is None:
             raise
@@ -212,7 +260,7 @@ def cmd_inspect(a) -> None:
     if a.tokens is not None:
         if a.chat:
             raise MistralError("--chat wraps a --prompt; it cannot be combined with --tokens")
-        ids = parse_token_ids(a.tokens)
+        ids = parse_int_list(a.tokens, "--tokens")
     elif a.chat:
         from .prompt import encode_chat
 
@@ -222,7 +270,8 @@ def cmd_inspect(a) -> None:
     bad = [i for i in ids if not 0 <= i < args.vocab_size]
     if bad:
         raise MistralError(f"--tokens: ids {bad[:5]} are outside the vocabulary [0, {args.vocab_size})")
-    model = load_model(a.weights, device=a.device, dtype=a.dtype, prefer=a.format, max_seq_len=max(len(ids), 16))
+    model = load_model(folder, device=device, dtype=a.dtype, kernels=a.kernels, prefer=a.format,
+                       max_seq_len=max(len(ids), 16))
     labels = token_labels(tokenizer, ids) if tokenizer else None
     t = trace(model, ids, labels, a.top_k)
     pieces = tokenizer.id_to_piece if tokenizer else str
@@ -235,32 +284,28 @@ def cmd_inspect(a) -> None:
 # --- generate / chat / demo / download (issue 4) ------------------------------------------------
 
 
-def _add_model_flags(p) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, the checkpoint's own dtype on CPU")
-    p.add_argument("--kernels", default="auto", choices=["torch", "triton", "auto"])
-    p.add_argument("--max-seq-len", type=int, default=8192, help="KV-cache length (default 8192)")
-    p.add_argument("--compile", action="store_true",
-                   help="run decode steps through torch.compile: 2-3.5x faster on the CPU, after a first step "
-                        "that compiles (~10 s to a minute; needs a C++ compiler)")
+DEFAULT_MAX_TOKENS = 512
 
 
 def _add_sampling_flags(p) -> None:
-    p.add_argument("--max-tokens", type=int, default=None, help="default: up to the end of the context")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    # The CLI caps an answer (as llama-cli's -n does); the Python API and the server keep OpenAI's
+    # meaning of no max_tokens: up to the end of the context.
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="the most tokens an answer may have; 0: up to the end of the context")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="0 is greedy (default: 1.0, as in the Python API and the server)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the tokens within this probability mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top token's probability")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's: minus this for each token already present")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: minus this times each token's count so far")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="vLLM's: divide repeated tokens' logits by this")
+    p.add_argument("--seed", type=int, default=None, help="reproduce a sampled answer (default: a fresh one each time)")
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable, at most 4)")
 
 
 def _sampling(a) -> dict:
-    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+    return dict(max_tokens=a.max_tokens or None, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
                 repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
 
@@ -268,9 +313,8 @@ def _sampling(a) -> dict:
 def _load(a, max_batch: int = 1):
     from .generate import Mistral
 
-    llm = Mistral.from_pretrained(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels,
-                                  max_batch=max_batch, max_seq_len=a.max_seq_len, compile=a.compile,
-                                  quiet=not a.verbose)
+    llm = Mistral.from_pretrained(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels, format=a.format,
+                                  max_batch=max_batch, max_seq_len=a.max_seq_len, compile=a.compile)
     if a.compile:
         print("compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
         llm.warm_up(_sampling(a))
@@ -295,11 +339,11 @@ def _print_stream(chunks) -> dict | None:
 
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="answer one prompt (as a user chat turn) on stdout")
-    p.add_argument("weights", type=str, help="a weights folder or a Hub repo id")
-    p.add_argument("--prompt", required=True)
+    add_model_flags(p)
+    add_engine_flags(p)
+    p.add_argument("--prompt", required=True, help="the user's message (with --raw: the text to continue)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
-    _add_model_flags(p)
     _add_sampling_flags(p)
     p.set_defaults(run=cmd_generate)
 
@@ -317,9 +361,9 @@ def cmd_generate(a) -> None:
 
 def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat with streamed answers (/reset, /exit)")
-    p.add_argument("weights", type=str, help="a weights folder or a Hub repo id")
+    add_model_flags(p)
+    add_engine_flags(p)
     p.add_argument("--system", default=None, help="a system prompt")
-    _add_model_flags(p)
     _add_sampling_flags(p)
     p.set_defaults(run=cmd_chat)
 
@@ -361,14 +405,23 @@ def cmd_chat(a) -> None:
         history.append({"role": "assistant", "content": "".join(answer)})
 
 
-DEMO_DIR = Path("weights/demo-small")
+def demo_folder() -> Path:
+    """weights/demo-small when run at the root of this project's checkout (beside the other
+    checkpoints); anywhere else a user cache folder, so that no `weights/` appears in the current one."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and Path.cwd().resolve() == checkout:
+        return Path("weights/demo-small")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mistral-from-scratch" / "demo-small"
 
 
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a small random checkpoint (made if absent)")
-    p.add_argument("--weights", type=Path, default=DEMO_DIR)
-    p.add_argument("--prompt", default="Hi there! What is Mistral-7B?")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--weights", type=Path, default=None,
+                   help="where the demo checkpoint is, or is made (default: weights/demo-small at the root of "
+                        "this project's checkout, else ~/.cache/mistral-from-scratch/demo-small)")
+    p.add_argument("--prompt", default="Hi there! What is Mistral-7B?", help="the user's message")
+    p.add_argument("--max-tokens", type=int, default=48, help="the answer's length")
     p.set_defaults(run=cmd_demo)
 
 
@@ -378,18 +431,21 @@ def cmd_demo(a) -> None:
     from .loader import find_checkpoint
     from .make_random import make_random, v3_tokenizer_file
 
-    if not (a.weights / "params.json").exists():
+    folder = a.weights or demo_folder()
+    if not (folder / "params.json").exists():
         if v3_tokenizer_file() is None:
             raise MistralError("the demo needs the real v3 tokenizer file that ships with mistral-common: "
                                "pip install mistral-common (or: pip install -e '.[demo]')")
-        print(f"making a small random checkpoint in {a.weights} ...")
-        make_random(a.weights, preset("small"), "consolidated", "float32", seed=0)
-    find_checkpoint(a.weights)
+        print(f"making a small random checkpoint in {folder} ...")
+        make_random(folder, preset("small"), "consolidated", "float32", seed=0)
+    else:
+        print(f"using the small random checkpoint in {folder}")
+    find_checkpoint(folder)
     print("NOTE: these weights are random, so the answer below is nonsense; the pipeline around it is real:\n"
           "  v3 prompt format -> prefill + KV-cache decode -> sampling -> streaming detokenizer -> OpenAI chunks.\n"
           "For the real model: mistral download mistralai/Mistral-7B-Instruct-v0.3 --dir weights/Mistral-7B-Instruct-v0.3\n"
           "  then: mistral chat weights/Mistral-7B-Instruct-v0.3   (needs a Hub token with access; a GPU is advised)\n")
-    llm = Mistral.from_pretrained(a.weights, device="cpu", kernels="torch", max_batch=1, max_seq_len=1024, quiet=True)
+    llm = Mistral.from_pretrained(folder, device="cpu", kernels="torch", max_batch=1, max_seq_len=1024, quiet=True)
     messages = [{"role": "system", "content": "Act like you are a helpful assistant."}, {"role": "user", "content": a.prompt}]
     print(f"user: {a.prompt}\nassistant: ", end="", flush=True)
     chunks: list[dict] = []
@@ -406,9 +462,10 @@ def cmd_demo(a) -> None:
 def add_download(sub) -> None:
     p = sub.add_parser("download", help="download one format of a Hub checkpoint")
     p.add_argument("repo_id", help="e.g. mistralai/Mistral-7B-Instruct-v0.3")
-    p.add_argument("--format", default="consolidated", choices=["consolidated", "hf"])
-    p.add_argument("--dir", type=Path, default=None, help="default: weights/<repo name>")
-    p.add_argument("--revision", default=None)
+    p.add_argument("--format", default="consolidated", choices=["consolidated", "hf"],
+                   help="consolidated: Mistral's own files; hf: the Hugging Face shards (the same weights again)")
+    p.add_argument("--dir", type=Path, default=None, help="the folder to download into (default: weights/<repo name>)")
+    p.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")
     p.set_defaults(run=cmd_download)
 
 
@@ -424,30 +481,24 @@ def cmd_download(a) -> None:
 
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models")
-    p.add_argument("weights", help="a weights folder or a Hub repo id")
-    p.add_argument("--host", default="127.0.0.1", help="default loopback only; 0.0.0.0 listens on every interface")
-    p.add_argument("--port", type=int, default=8000)
+    add_model_flags(p)
+    add_engine_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0 listens on every interface "
+                                                       "(default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $MISTRAL_API_KEY; no key if that is unset)")
     p.add_argument("--served-model-name", default=None, help="the model name clients ask for (default: the folder's name)")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together: KV-cache rows (default 8)")
-    p.add_argument("--max-seq-len", type=int, default=8192, help="context length of each row (default 8192)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a row; more get 429 (default 256)")
-    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default bfloat16 on CUDA, the checkpoint's own on CPU")
-    p.add_argument("--kernels", default="auto", choices=["torch", "triton", "auto"])
-    p.add_argument("--compile", action="store_true",
-                   help="run decode steps through torch.compile (the CPU fast path; the first step compiles)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together: KV-cache rows")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a row; more get 429")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's, one per core)")
     p.set_defaults(run=cmd_serve)
 
 
 def cmd_serve(a) -> None:
-    import os
-
     import uvicorn
 
+    from .devices import resolve_device
     from .generate import Mistral
     from .server import create_app
 
@@ -460,12 +511,16 @@ def cmd_serve(a) -> None:
 
         torch.set_num_threads(a.threads)
     api_key = a.api_key if a.api_key is not None else os.environ.get("MISTRAL_API_KEY") or None
-    url = f"http://{a.host}:{a.port}/v1"
+    # What would fail once the server is up is checked before it says it listens.
+    resolve_device(a.device)
+    find_weights(a)
+    sock = bind(a.host, a.port)
+    url = f"http://{a.host}:{sock.getsockname()[1]}/v1"
 
     def load() -> Mistral:
         # A fixed decode shape (all rows, the whole cache) makes each request's greedy output
         # independent of the others in the batch.
-        llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, max_batch=a.max_batch,
+        llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, format=a.format, max_batch=a.max_batch,
                                       max_seq_len=a.max_seq_len, model_name=a.served_model_name,
                                       fixed_batch_shape=True, max_waiting=a.max_queue, compile=a.compile)
         if a.compile:
@@ -489,9 +544,31 @@ def cmd_serve(a) -> None:
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info" if a.verbose else "warning"))
     print(f"mistral serve: loading {a.weights}; listening on {url} (GET /health is 503 until the model is ready)",
           file=sys.stderr, flush=True)
-    server.run()
+    server.run(sockets=[sock])
     if failed:
         raise MistralError(f"loading {a.weights} failed: {failed[0]}")
+
+
+def bind(host: str, port: int):
+    """A socket bound to host:port for the server to listen on, or one line saying why not."""
+    import errno
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise MistralError(f"--host {host}: cannot listen there ({e.strerror or e})") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own bind does
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise MistralError(f"--port {port}: {host}:{port} is already in use (another server?); choose another "
+                               "--port") from None
+        raise MistralError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
 
 
 # --- bench (issue 7) -----------------------------------------------------------------------------
@@ -501,8 +578,10 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="generation speed on random full-size weights: bandwidth floor, ours, transformers")
     p.add_argument("--preset", default=None, help="7b-v0.3 (the default on CUDA), small (the default on CPU) or 0.5b")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
-    p.add_argument("--quick", action="store_true", help="16 decode steps per figure instead of 128, fewer repeats")
-    p.add_argument("--steps", type=int, default=None, help="decode steps per figure")
+    p.add_argument("--quick", action="store_true",
+                   help="16 decode steps per figure instead of 128, fewer repeats and smaller machine probes "
+                        "(on the CPU: the small preset in about a minute; the CI's smoke run)")
+    p.add_argument("--steps", type=int, default=None, help="decode steps per figure (default: 128, 16 with --quick)")
     p.add_argument("--no-compile", action="store_true", help="skip transformers + torch.compile")
     p.add_argument("--compile-budget", type=int, default=240, help="seconds allowed for transformers' compile (default 240)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
@@ -519,12 +598,19 @@ def cmd_bench(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mistral", description="Mistral-7B-Instruct-v0.3 from scratch")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser = argparse.ArgumentParser(prog="mistral", description="Mistral-7B-Instruct-v0.3 from scratch",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mistral-from-scratch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_make_random, add_logits, add_tokenize, add_describe, add_inspect,
                 add_generate, add_chat, add_demo, add_download, add_serve, add_bench):
         add(sub)
+    for p in sub.choices.values():
+        p.formatter_class = HelpFormatter
+        # -v after the subcommand too; SUPPRESS keeps a -v given before it
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log what each step does to stderr")
     return parser
 
 

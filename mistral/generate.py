@@ -1,6 +1,6 @@
 """`Mistral`: chat and text completions that return what an OpenAI-compatible provider returns.
 
-    llm = Mistral.from_pretrained("weights/Mistral-7B-Instruct-v0.3", device="cuda", dtype="bfloat16")
+    llm = Mistral.from_pretrained("weights/Mistral-7B-Instruct-v0.3")   # a GPU in bf16 if there is one, else the CPU
     for chunk in llm.create_chat_completion(messages=[...], max_tokens=512, stream=True):
         print(chunk["choices"][0]["delta"].get("content", ""), end="")
 
@@ -91,11 +91,12 @@ class Mistral:
         torch.compile, the fast path on the CPU (2-3.5x; the first step compiles, ~10 s to a minute).
         token: default the HF_TOKEN variable.
         """
+        from .devices import resolve_device
         from .hub import resolve_weights
         from .loader import load_model
 
         folder = resolve_weights(path_or_repo_id, format=format, token=token, revision=revision)
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         if dtype is None and device.type == "cuda":
             dtype = "bfloat16"
         model = load_model(folder, device=device, dtype=dtype, kernels=kernels, prefer=format,
@@ -125,14 +126,17 @@ class Mistral:
         (the API's default). Call it before `start()`."""
         if self._thread is not None:
             raise RuntimeError("warm_up() runs the engine on the calling thread: call it before start()")
+        from .progress import progress
+
         prompt = self.tokenizer.encode("warm-up", bos=True)
-        for setting in settings or ({"temperature": 0.0}, {"temperature": 1.0}):
+        settings = settings or ({"temperature": 0.0}, {"temperature": 1.0})
+        steps = [(setting, rows) for setting in settings for rows in self.engine.warm_up_batches()]
+        for setting, rows in progress(steps, desc="warming up", unit="step"):
             gen, _ = self._params(len(prompt), "prompt", **setting)
             params = dataclasses.replace(gen, max_tokens=2, ignore_eos=True)  # a prefill, then one decode step
-            for rows in self.engine.warm_up_batches():
-                for _ in range(rows):
-                    self.engine.add(prompt, params, lambda event: None)
-                self.engine.run_until_idle()
+            for _ in range(rows):
+                self.engine.add(prompt, params, lambda event: None)
+            self.engine.run_until_idle()
 
     def stop(self) -> None:
         if self._thread is not None:

@@ -50,10 +50,15 @@ def download(repo_id: str, format: str = "consolidated", local_dir: str | Path |
     except RevisionNotFoundError:
         raise CheckpointError(f"{repo_id}: no revision {revision!r}") from None
     except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{repo_id}: not in the local cache and the Hub cannot be reached (offline?); "
-            "download it on a connected machine with `mistral download` and pass the folder"
-        ) from None
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set and it is not in the local cache; unset HF_HUB_OFFLINE to download it"
+        else:
+            why = ("the Hub cannot be reached (no network? a proxy: HTTPS_PROXY; a mirror: HF_ENDPOINT) and it is "
+                   "not in the local cache; connect and run this again, or run `mistral download "
+                   f"{repo_id} --dir DIR` on a connected machine and copy DIR here")
+        raise CheckpointError(f"{repo_id}: cannot download, {why}") from None
     except OSError as e:
         raise CheckpointError(f"{repo_id}: download failed ({e})") from None
     return Path(folder)
@@ -66,7 +71,16 @@ def resolve_weights(path_or_repo_id: str | Path, format: str | None = None, toke
     if path.exists():
         return path
     if isinstance(path_or_repo_id, str) and looks_like_repo_id(path_or_repo_id):
-        folder = download(path_or_repo_id, format or "consolidated", token=token, revision=revision)
+        try:
+            folder = download(path_or_repo_id, format or "consolidated", token=token, revision=revision)
+        except CheckpointError:
+            owner = Path(path_or_repo_id.split("/")[0])
+            if owner.is_dir():  # `weights/Mistral-7B-...` before downloading: a path, not a repo id
+                name = path_or_repo_id.split("/")[1]
+                repo = f"mistralai/{name}" if name.startswith("Mistral-") else "OWNER/NAME"
+                raise CheckpointError(f"{path_or_repo_id}: no such folder; to download a checkpoint into it: "
+                                      f"mistral download {repo} --dir {path_or_repo_id}") from None
+            raise
         from .loader import find_checkpoint
 
         find_checkpoint(folder, format)  # a repo without a usable checkpoint fails here, clearly

@@ -29,6 +29,7 @@ import torch
 
 from .errors import MistralError
 from .model import Transformer
+from .progress import progress
 
 MAX_TOKENS = 512  # attention maps are T × T per head: beyond this neither the PNGs nor the JSON are readable
 
@@ -193,20 +194,39 @@ def to_json(t: Trace, layers: list[int], heads: list[int], prompt: str | None = 
     }
 
 
-def _matplotlib():
+def require_matplotlib():
+    """matplotlib's Figure, or one line saying how to install it (called before anything is written)."""
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
     except ImportError:
-        raise MistralError("inspect draws with matplotlib, which is not installed: pip install matplotlib") from None
+        raise MistralError("inspect draws with matplotlib, which is not installed: "
+                           "pip install matplotlib (or: pip install -e '.[demo]')") from None
     return Figure
 
 
-def _ticks(ax, labels: list[str], axis: str, max_labels: int = 80) -> None:
+@functools.cache
+def _drawable() -> frozenset[int]:
+    """The code points matplotlib's default font has glyphs for."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
+
+
+def _label(piece: str, width: int = 10) -> str:
+    """A piece as it can be drawn: characters the font lacks as U+XXXX (not empty boxes), cut to width."""
+    drawable = _drawable()
+    text = "".join(c if ord(c) in drawable else f"U+{ord(c):04X}" for c in piece)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _ticks(ax, labels: list[str], axis: str, max_labels: int = 40) -> None:
+    # Beyond max_labels a label on every token is too small to read: every step-th, with its index.
     n = len(labels)
     step = max(1, math.ceil(n / max_labels))
     idx = list(range(0, n, step))
-    size = 8 if n <= 24 else 6 if n <= 48 else 4.5
-    text = [f"{labels[i]}" if step == 1 else f"{i}:{labels[i]}" for i in idx]
+    size = 8 if n <= 24 else 7
+    text = [_label(labels[i], 12) if step == 1 else f"{i}:{_label(labels[i], 12)}" for i in idx]
     if axis == "x":
         ax.set_xticks(idx, text, rotation=90, fontsize=size)
     else:
@@ -215,11 +235,11 @@ def _ticks(ax, labels: list[str], axis: str, max_labels: int = 80) -> None:
 
 def plot_attention(t: Trace, layer: int, heads: list[int], path: Path) -> None:
     """One PNG per layer: a panel per head, queries down the side, keys along the bottom."""
-    Figure = _matplotlib()
+    Figure = require_matplotlib()
     T = len(t.tokens)
     cols = min(len(heads), 4)
     rows = math.ceil(len(heads) / cols)
-    panel = min(max(3.0, 0.18 * T + 1.5), 9.0)
+    panel = min(max(3.0, 0.12 * min(T, 40) + 1.5), 6.5)
     fig = Figure(figsize=(cols * panel + 1.0, rows * panel + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     grouped = t.n_kv_heads < t.attention[layer].shape[0]
@@ -240,16 +260,17 @@ def plot_attention(t: Trace, layer: int, heads: list[int], path: Path) -> None:
 
 def plot_logit_lens(t: Trace, path: Path, pieces: Callable[[int], str]) -> None:
     """Top-1 token of each depth (rows) at each position (columns), shaded by its probability."""
-    Figure = _matplotlib()
+    Figure = require_matplotlib()
     depths, T = t.lens_ids.shape[:2]
-    fig = Figure(figsize=(min(2.0 + 0.9 * T, 60), 2.5 + 0.32 * depths), layout="constrained")
+    # about 0.4 inch a column: a 5-character piece at 6 points; past 64 columns the cells only shade
+    fig = Figure(figsize=(2.5 + 0.4 * min(T, 64), 2.5 + 0.32 * depths), layout="constrained")
     ax = fig.subplots()
     top = t.lens_probs[:, :, 0].numpy()
     image = ax.imshow(top, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    for d in range(depths):
+    for d in range(depths) if T <= 64 else ():
         for pos in range(T):
-            ax.text(pos, d, _short(pieces(int(t.lens_ids[d, pos, 0]))), ha="center", va="center", fontsize=7,
-                    color="white" if top[d, pos] > 0.6 else "black")
+            ax.text(pos, d, _label(pieces(int(t.lens_ids[d, pos, 0])), 10 if T <= 24 else 5), ha="center",
+                    va="center", fontsize=7 if T <= 24 else 6, color="white" if top[d, pos] > 0.6 else "black")
     _ticks(ax, t.labels, "x")
     ax.set_yticks(range(depths), t.depth_names, fontsize=7)
     ax.invert_yaxis()  # embeddings at the bottom, the last layer (the model's prediction) on top
@@ -261,13 +282,13 @@ def plot_logit_lens(t: Trace, path: Path, pieces: Callable[[int], str]) -> None:
 
 def plot_residual_norms(t: Trace, path: Path) -> None:
     """‖h‖ by depth and position (heatmap, log scale), and by depth for each position (lines)."""
-    Figure = _matplotlib()
+    Figure = require_matplotlib()
     from matplotlib.colors import LogNorm
 
     norms = t.residual_norms.numpy()  # [depths, T]
     depths, T = norms.shape
-    fig = Figure(figsize=(max(10.0, 4 + 0.25 * T + 5), 1.5 + max(4.0, 0.25 * depths)), layout="constrained")
-    heat, lines = fig.subplots(1, 2, width_ratios=[max(1.0, T / 12), 1.0])
+    fig = Figure(figsize=(min(max(10.0, 9 + 0.25 * T), 24.0), 1.5 + max(4.0, 0.25 * depths)), layout="constrained")
+    heat, lines = fig.subplots(1, 2, width_ratios=[min(max(1.0, T / 12), 3.0), 1.0])
     image = heat.imshow(norms, cmap="magma", aspect="auto", interpolation="nearest",
                         norm=LogNorm(vmin=max(norms.min(), 1e-6), vmax=max(norms.max(), 1e-6)))
     _ticks(heat, t.labels, "x")
@@ -279,7 +300,7 @@ def plot_residual_norms(t: Trace, path: Path) -> None:
         lines.plot(range(depths), norms[:, pos], color="0.7", linewidth=0.6)
     lines.plot(range(depths), norms.mean(axis=1), color="C0", linewidth=2, label="mean over tokens")
     if T > 1:
-        lines.plot(range(depths), norms[:, 0], color="C3", linewidth=1.2, label=f"token 0 ({_short(t.labels[0])})")
+        lines.plot(range(depths), norms[:, 0], color="C3", linewidth=1.2, label=f"token 0 ({_label(t.labels[0])})")
     lines.set_yscale("log")
     step = max(1, math.ceil(depths / 34))
     lines.set_xticks(range(0, depths, step), t.depth_names[::step], rotation=90, fontsize=7)
@@ -294,9 +315,6 @@ def _save(fig, path: Path) -> None:
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.savefig(path, dpi=100)
 
-
-def _short(piece: str, width: int = 10) -> str:
-    return piece if len(piece) <= width else piece[: width - 1] + "…"
 
 
 def write_report(
@@ -313,17 +331,16 @@ def write_report(
         raise MistralError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     pieces = pieces or str
-    written = []
     path = out / "inspect.json"
     path.write_text(json.dumps(to_json(t, layers, heads, prompt, pieces), ensure_ascii=False) + "\n")
-    written.append(path)
-    for layer in layers:
-        path = out / f"attention_layer{layer:02d}.png"
-        plot_attention(t, layer, heads, path)
+    written = [path]
+    pictures = [(out / f"attention_layer{layer:02d}.png", functools.partial(plot_attention, t, layer, heads))
+                for layer in layers]
+    pictures += [(out / "logit_lens.png", functools.partial(plot_logit_lens, t, pieces=pieces)),
+                 (out / "residual_norms.png", functools.partial(plot_residual_norms, t))]
+    for path, draw in progress(pictures, desc="drawing", unit="picture"):  # one picture per layer: seconds each
+        draw(path=path)
         written.append(path)
-    plot_logit_lens(t, out / "logit_lens.png", pieces)
-    plot_residual_norms(t, out / "residual_norms.png")
-    written += [out / "logit_lens.png", out / "residual_norms.png"]
     return written
 
 
@@ -332,7 +349,7 @@ def parse_indices(text: str | None, n: int, what: str) -> list[int]:
     if text is None or text.strip().lower() == "all":
         return list(range(n))
     chosen: list[int] = []
-    for part in text.replace(" ", "").split(","):
+    for part in (part.strip() for part in text.split(",")):  # `0 15` is refused, not read as 015
         try:
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1)

@@ -23,15 +23,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .args import ModelArgs
+from .devices import resolve_device
 from .errors import CheckpointError
 from .model import Ops, Transformer
+from .progress import progress
 
 log = logging.getLogger("mistral")
 
@@ -162,14 +163,6 @@ def _open_safetensors(path: Path):
         raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
 
 
-def _progress(total: int, quiet: bool, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with huggingface-hub; without it, load silently
-        return None
-    return tqdm(total=total, desc=desc, unit="tensor", disable=quiet or not sys.stderr.isatty(), leave=False)
-
-
 def load_model(
     folder: str | Path,
     device: str | torch.device | None = None,
@@ -194,7 +187,7 @@ def load_model(
                                  kernels=kernels, max_seq_len=max_seq_len, prefer=prefer, quiet=quiet)
     ckpt = find_checkpoint(folder, prefer)
     args = ckpt.args()
-    device = torch.device(device if device is not None else "cpu")
+    device = resolve_device(device if device is not None else "cpu")
     dtype = as_dtype(dtype) if dtype is not None else None
 
     with torch.device("meta"):
@@ -211,7 +204,7 @@ def load_model(
         with _open_safetensors(path) as f:
             keys = list(f.keys())
             if bar is None:
-                bar = _progress(len(expected), quiet, f"loading {Path(folder).name}")
+                bar = progress(total=len(expected), desc=f"loading {Path(folder).name}", unit="tensor", quiet=quiet)
             for key in keys:
                 name = key if ckpt.format == CONSOLIDATED else hf_to_mistral_name(key)
                 if name is None or name not in expected:
@@ -239,8 +232,7 @@ def load_model(
                 # On CPU with the file's own dtype this is no copy: the parameter maps the file.
                 state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
                 seen_in[name] = path
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
     if bar is not None:
         bar.close()
 

@@ -17,6 +17,7 @@ import torch
 
 from .args import ModelArgs
 from .loader import CONSOLIDATED, HF, as_dtype, mistral_to_hf_name, permute_for_hf
+from .progress import progress
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -94,8 +95,10 @@ def make_random(
     std: float = 0.02,
     shard_bytes: int = 5 * 2**30,
     tokenizer: bool = True,
+    quiet: bool = False,
 ) -> Path:
-    """Write a random checkpoint to out_dir; returns the folder. Same seed, same model in both formats."""
+    """Write a random checkpoint to out_dir; returns the folder. Same seed, same model in both formats.
+    A progress bar shows on a terminal unless `quiet`."""
     if fmt not in (CONSOLIDATED, HF):
         raise ValueError(f"format must be {CONSOLIDATED!r} or {HF!r}, got {fmt!r}")
     dtype = as_dtype(dtype)
@@ -103,16 +106,21 @@ def make_random(
     out.mkdir(parents=True, exist_ok=True)
     shapes = tensor_shapes(args)
     gen = torch.Generator().manual_seed(seed)
+    bar = progress(total=len(shapes), desc=f"writing {out.name}", unit="tensor", quiet=quiet)
+
+    def make(name: str) -> torch.Tensor:
+        bar.update(1)
+        return _random_tensor(name, shapes[name], gen, std)
 
     if fmt == CONSOLIDATED:
         (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
-        write_safetensors(out / "consolidated.safetensors", shapes, dtype, lambda n: _random_tensor(n, shapes[n], gen, std))
+        write_safetensors(out / "consolidated.safetensors", shapes, dtype, make)
     else:
         (out / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
 
         def make_hf(hf_name: str) -> torch.Tensor:
             name = hf_names[hf_name]
-            t = _random_tensor(name, shapes[name], gen, std)
+            t = make(name)
             if name.endswith("attention.wq.weight"):
                 t = permute_for_hf(t, args.n_heads)
             elif name.endswith("attention.wk.weight"):
@@ -142,6 +150,7 @@ def make_random(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
+    bar.close()
     source = v3_tokenizer_file() if tokenizer else None
     if source is not None:
         shutil.copyfile(source, out / "tokenizer.model.v3")
