@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import types
@@ -166,6 +167,8 @@ def _from_request_error(e: RequestError) -> APIError:
 def _from_validation_error(e: ValidationError, schema: type[BaseModel], data: Any) -> APIError:
     err = e.errors(include_url=False)[0]
     if not err["loc"]:
+        if isinstance(data, dict):  # the body as a whole is an object, but pydantic refused it
+            return APIError(400, f"the request body is invalid: {err['msg']}")
         return APIError(400, f"the request body must be a JSON object, got {_json_type(data)}")
     param, expected, value = _locate(schema, data, err["loc"])
     if err["type"] == "missing":
@@ -224,6 +227,42 @@ def _describe(annotation: Any, plural: bool = False) -> str:
         else:  # dict[str, Any], a nested schema
             words.append("objects" if plural else "an object")
     return " or ".join(words)
+
+
+# JSON can only carry a lone surrogate as an escape (raw bytes that aren't UTF-8 fail to parse);
+# escaped pairs (an emoji, as json.dumps writes it) match too, and pass the check.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(data: Any) -> None:
+    """Refuse a string or key holding a lone UTF-16 surrogate ("\\ud800"): JSON allows the escape,
+    but no tokenizer or encoder takes the result. Walked without recursion, as deep as the body goes."""
+    todo = [(None, data)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str):
+            bad = _surrogate(value)
+            if bad:
+                raise APIError(400, f"'{path}' is not valid Unicode: it holds a lone surrogate ({bad})", path,
+                               "invalid_value")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                bad = _surrogate(key)
+                if bad:
+                    where = f"an object key in '{path}'" if path else "a key of the request body"
+                    raise APIError(400, f"{where} is not valid Unicode: it holds a lone surrogate ({bad})", path,
+                                   "invalid_value")
+                todo.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            todo.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+
+
+def _surrogate(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return ascii(text[e.start])[1:-1]
 
 
 def _json_type(value: Any) -> str:
@@ -353,6 +392,8 @@ def create_app(
             raise APIError(400, "We could not parse the JSON body of your request. The body must be a JSON "
                                 "object (the Content-Type header should be application/json).",
                            code="invalid_json") from None
+        if _MAYBE_SURROGATE.search(body):
+            _check_unicode(data)
         try:
             return schema.model_validate(data)
         except ValidationError as e:

@@ -103,3 +103,33 @@ def test_a_stop_string_with_more_choices_than_rows_is_a_200(server):
     assert reasons.count("stop") >= 5, reasons  # the stop string really matched, early enough to matter
     assert all("e" not in c["message"]["content"] for c in choices)
     wait_idle(server)
+
+
+# --- lone surrogates: JSON allows the escape, nothing downstream takes it ----------------------------------
+
+GOOD = {"model": "small", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+SURROGATES = [  # (path, body, the param named)
+    (CHAT, {**GOOD, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+    (TEXT, {"model": "small", "prompt": "x\udfff", "max_tokens": 2}, "prompt"),
+    (TEXT, {"model": "small", "prompt": ["ok", "\udc00"], "max_tokens": 2}, "prompt[1]"),
+    (CHAT, {**GOOD, "tools": [{**TOOL, "function": {**TOOL["function"], "description": "\ud800"}}]},
+     "tools[0].function.description"),
+    (CHAT, {**GOOD, "model": "\ud800"}, "model"),
+    (CHAT, {**GOOD, "logit_bias": {"\ud800": 1}}, "logit_bias"),
+    (CHAT, {"\ud800": 1}, None),
+]
+
+
+@pytest.mark.parametrize("path, body, param", SURROGATES, ids=[case[2] or "a key" for case in SURROGATES])
+def test_a_lone_surrogate_is_a_400_naming_the_field(server, path, body, param):
+    content = json.dumps(body).encode()  # ensure_ascii: the surrogate goes out as \\udXXX, as a client may send it
+    r = httpx.post(server + path, content=content, headers=HEADERS, timeout=30)
+    error = check_error(r, 400, param, "invalid_value")
+    assert "surrogate" in error["message"] and "got an object" not in error["message"]
+
+
+def test_an_escaped_surrogate_pair_is_fine(server):
+    body = {**GOOD, "messages": [{"role": "user", "content": "Hi \U0001F600"}]}  # json.dumps writes \\ud83d\\ude00
+    r = httpx.post(server + CHAT, content=json.dumps(body).encode(), headers=HEADERS, timeout=30)
+    assert r.status_code == 200, r.text
