@@ -536,8 +536,8 @@ class _Job:
         top = []
         for token, logprob in ev.top_logprobs or ():
             t, b = self._token_text(token)
-            top.append({"token": t, "logprob": logprob, "bytes": b})
-        return {"token": text, "logprob": ev.logprob, "bytes": raw, "top_logprobs": top}
+            top.append({"token": t, "logprob": _finite(logprob), "bytes": b})
+        return {"token": text, "logprob": _finite(ev.logprob), "bytes": raw, "top_logprobs": top}
 
     @staticmethod
     def _text_logprobs(entries: list[dict]) -> dict:
@@ -580,6 +580,12 @@ def _stop_strings(stop) -> list[str]:
     if len(stops) > MAX_STOP_STRINGS:
         raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
     return stops
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf (a token the model rules out, a forced one included) nor NaN: such logprobs
+    go out as -9999.0, as vLLM writes them, so that every answer stays valid JSON."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def _last(it: Iterator[dict]) -> dict:
