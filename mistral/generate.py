@@ -166,12 +166,13 @@ class Mistral:
         return self._stream(job) if stream else _last(self._stream(job))
 
     async def acreate_chat_completion(self, messages: list[dict], *, stream: bool = False, **params):
-        """The async twin of create_chat_completion; needs `start()`. Validation errors raise at once."""
-        job = self._chat_job(messages, stream=stream, **params)
+        """The async twin of create_chat_completion; needs `start()`. Validation errors raise at once.
+        The prompt is built and tokenized on a worker thread: a long one does not hold up the event loop."""
+        job = await asyncio.to_thread(self._chat_job, messages, stream=stream, **params)
         return self._astream(job) if stream else await _alast(self._astream(job))
 
     async def acreate_completion(self, prompt: str | list, *, stream: bool = False, **params):
-        job = self._text_job(prompt, stream=stream, **params)
+        job = await asyncio.to_thread(self._text_job, prompt, stream=stream, **params)
         return self._astream(job) if stream else await _alast(self._astream(job))
 
     # --- building jobs ---------------------------------------------------------------------------------

@@ -40,11 +40,14 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
+import h11
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import RequestError
 
@@ -54,6 +57,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("mistral.server")
 
 MAX_BODY_BYTES = 4 * 2**20  # a 32k-token conversation is ~150 KB of text; tool schemas add a little
+# A client that stops sending half-way holds a connection (and a graceful shutdown) forever.
+HEADER_TIMEOUT_S = 10.0  # from the connection (or the last answer on it) to the end of the request's headers
+BODY_TIMEOUT_S = 30.0  # the longest pause between two pieces of a body
+SHUTDOWN_TIMEOUT_S = 30.0  # on SIGTERM, how long running answers may take to finish before they are cut
 OWNED_BY = "mistral-from-scratch"
 
 
@@ -135,7 +142,7 @@ NOT_SUPPORTED = frozenset({
 # --- errors --------------------------------------------------------------------------------------------
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 429: "requests",
+                405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 429: "requests",
                 500: "server_error", 503: "server_error"}
 
 
@@ -150,12 +157,29 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        if self.status >= 500 or self.status == 408:  # a connection in an unknown state: say it ends here
+            headers = {**(headers or {}), "Connection": "close"}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+def _parse_body(body: bytes, schema: type[BaseModel]) -> BaseModel:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise APIError(400, "We could not parse the JSON body of your request. The body must be a JSON "
+                            "object (the Content-Type header should be application/json).",
+                       code="invalid_json") from None
+    if _MAYBE_SURROGATE.search(body):
+        _check_unicode(data)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise _from_validation_error(e, schema, data) from None
 
 
 def _from_request_error(e: RequestError) -> APIError:
@@ -344,6 +368,7 @@ def create_app(
     served_model_name: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     on_load_error: Callable[[BaseException], None] | None = None,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The ASGI app. Give it a loaded `Mistral`, or a function that loads one (run on a background
     thread at startup, so that /health can answer 503 meanwhile). The app starts the model's engine
@@ -352,7 +377,10 @@ def create_app(
     api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
     served_model_name: the name clients must ask for (default: the model's own `model_name`).
     on_load_error: called with the exception if the loader fails (the CLI stops the server).
+    body_timeout: seconds a body may pause between two pieces before the answer is a 408.
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: give a key, or None for a server without one")
     backend = _Backend(llm_or_loader, served_model_name, on_load_error)
     key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
@@ -381,23 +409,22 @@ def create_app(
             raise APIError(413, f"the request body has {int(declared)} bytes; the limit is {max_body_bytes}",
                            code="request_too_large")
         body = bytearray()
-        async for piece in request.stream():  # a chunked body has no length up front: count as it comes
+        pieces = request.stream()
+        while True:  # a chunked body has no length up front: count as it comes
+            try:
+                piece = await asyncio.wait_for(anext(pieces, None), body_timeout)
+            except TimeoutError:
+                raise APIError(408, f"the request body stopped arriving ({body_timeout:g} s without a byte)",
+                               code="request_timeout") from None
+            if piece is None:
+                break
             body += piece
             if len(body) > max_body_bytes:
                 raise APIError(413, f"the request body is over the limit of {max_body_bytes} bytes",
                                code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            raise APIError(400, "We could not parse the JSON body of your request. The body must be a JSON "
-                                "object (the Content-Type header should be application/json).",
-                           code="invalid_json") from None
-        if _MAYBE_SURROGATE.search(body):
-            _check_unicode(data)
-        try:
-            return schema.model_validate(data)
-        except ValidationError as e:
-            raise _from_validation_error(e, schema, data) from None
+        # Parsing a body of megabytes takes a while: on a worker thread, so that other clients'
+        # streams and /health go on meanwhile.
+        return await asyncio.to_thread(_parse_body, bytes(body), schema)
 
     api = APIRouter(dependencies=[Depends(check_key)])
 
@@ -452,8 +479,8 @@ def create_app(
             return APIError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url").response()
         if e.status_code == 405:
             return APIError(405, f"Method {request.method} is not allowed on {request.url.path}.",
-                            code="method_not_allowed").response()
-        return APIError(e.status_code, str(e.detail)).response()
+                            code="method_not_allowed").response(e.headers)  # Starlette's, with Allow
+        return APIError(e.status_code, str(e.detail)).response(e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError) -> Response:
@@ -540,3 +567,45 @@ async def _events(first: dict | None, chunks: AsyncIterator[dict], backend: _Bac
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+# --- serving with uvicorn ------------------------------------------------------------------------------
+
+
+def uvicorn_config(app: FastAPI, *, header_timeout: float = HEADER_TIMEOUT_S,
+                   shutdown_timeout: float = SHUTDOWN_TIMEOUT_S, **options):
+    """uvicorn's Config for this app: connections that never finish their request headers are
+    closed after `header_timeout` seconds (uvicorn has no such limit of its own), and on SIGTERM
+    running answers get `shutdown_timeout` seconds to finish before they are cancelled. Malformed
+    HTTP is answered by uvicorn itself, with a plain-text 400."""
+    protocol = type("H11WithHeaderTimeout", (_H11WithHeaderTimeout,), {"header_timeout": header_timeout})
+    return uvicorn.Config(app, http=protocol, timeout_graceful_shutdown=shutdown_timeout, **options)
+
+
+class _H11WithHeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete
+    `header_timeout` seconds after it opened or after its last answer. The body has its own limit
+    (`body_timeout`, in the app)."""
+
+    header_timeout = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._restart_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _restart_header_timer(self) -> None:
+        self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _headers_late(self) -> None:
+        # IDLE: no complete request line and headers since the timer started.
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()

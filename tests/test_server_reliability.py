@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 uvicorn = pytest.importorskip("uvicorn")
 
 from mistral.args import preset  # noqa: E402
 from mistral.generate import Mistral  # noqa: E402
 from mistral.make_random import make_random  # noqa: E402
-from mistral.server import create_app  # noqa: E402
+from mistral.server import create_app, uvicorn_config  # noqa: E402
 
 from test_server import check_error, free_port, wait_healthy  # noqa: E402
 
@@ -51,9 +56,10 @@ def fresh(loaded: Mistral, max_batch: int = 4) -> Mistral:
 
 @contextlib.contextmanager
 def serving(app, **config):
-    """uvicorn on a free loopback port in a thread; yields the root URL."""
+    """uvicorn on a free loopback port in a thread, configured as `mistral serve` configures it; yields
+    the root URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     root = f"http://127.0.0.1:{port}"
@@ -133,3 +139,121 @@ def test_an_escaped_surrogate_pair_is_fine(server):
     body = {**GOOD, "messages": [{"role": "user", "content": "Hi \U0001F600"}]}  # json.dumps writes \\ud83d\\ude00
     r = httpx.post(server + CHAT, content=json.dumps(body).encode(), headers=HEADERS, timeout=30)
     assert r.status_code == 200, r.text
+
+
+# --- connections: stuck clients, errors that end a connection, methods --------------------------------------
+
+
+def raw_connection(root: str) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", int(root.rsplit(":", 1)[1])), timeout=30)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before closing the connection, or None if it was still open after `seconds`."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while piece := sock.recv(65536):
+            received += piece
+        return received
+    except TimeoutError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def impatient(loaded):
+    """A server with short limits for half-sent requests: 1 s for headers, 1 s of pause in a body."""
+    with serving(create_app(fresh(loaded), api_key=KEY, body_timeout=1.0), header_timeout=1.0) as root:
+        yield root
+
+
+def test_half_sent_headers_are_dropped(impatient):
+    with raw_connection(impatient) as idle, raw_connection(impatient) as partial:
+        partial.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+        assert closed_within(idle, 10) == b""  # was: held forever
+        assert closed_within(partial, 10) == b""
+    with raw_connection(impatient) as keep_alive:  # the same after a first answer on the connection
+        keep_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        keep_alive.sendall(b"GET /hea")
+        assert closed_within(keep_alive, 10).startswith(b"HTTP/1.1 200")
+
+
+def test_a_half_sent_body_is_a_408(impatient):
+    payload = json.dumps(GOOD).encode()
+    with raw_connection(impatient) as sock:
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                     + payload[:10])
+        answer = closed_within(sock, 10)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+@pytest.fixture(scope="module")
+def broken(weights):
+    """A server whose model fails in every forward pass: a fault of ours, not of the request."""
+    llm = Mistral.from_pretrained(weights, "cpu", kernels="torch", max_batch=2, max_seq_len=MAX_SEQ_LEN,
+                                  model_name="small", quiet=True)
+    llm.model.norm.weight = torch.nn.Parameter(torch.ones(3), requires_grad=False)  # the wrong width
+    with serving(create_app(llm, api_key=KEY)) as root:
+        yield root
+
+
+def test_a_500_tells_a_keep_alive_client_the_connection_ends(broken):
+    with httpx.Client(timeout=30, headers=HEADERS) as http:
+        for _ in range(3):  # each on the client's pool: was a ReadError on the reused connection
+            r = http.post(broken + CHAT, json=GOOD)
+            check_error(r, 500)
+            assert r.headers["connection"] == "close"
+            assert http.get(broken + "/health").status_code == 200
+
+
+def test_405_names_the_allowed_methods(server):
+    r = httpx.get(server + CHAT, headers=HEADERS)
+    check_error(r, 405, None, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+
+
+def test_an_empty_api_key_is_refused(loaded):
+    with pytest.raises(ValueError, match="api_key is empty"):
+        create_app(loaded, api_key="")
+    run = subprocess.run([sys.executable, "-m", "mistral.cli", "serve", "nowhere", "--api-key", " "],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--api-key is empty" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_sigterm_under_load_finishes_running_streams_then_exits_0(weights, tmp_path):
+    """`mistral serve` with a stream running and a client stuck half-way through its body: SIGTERM
+    lets the stream finish, drops the stuck one at the shutdown limit, and the process exits 0
+    (was: never exited while the half-sent body was held)."""
+    port = free_port()
+    root = f"http://127.0.0.1:{port}"
+    log = tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "mistral.cli", "serve", str(weights), "--port", str(port), "--served-model-name",
+           "small", "--max-batch", "2", "--max-seq-len", str(MAX_SEQ_LEN), "--device", "cpu", "--kernels", "torch",
+           "--threads", "1", "--shutdown-timeout", "4"]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "MISTRAL_API_KEY": ""})
+    try:
+        wait_healthy(root, process=process, log=log)
+        stuck = raw_connection(root)
+        stuck.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+        body = {"model": "small", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 40,
+                "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=30) as http, http.stream("POST", root + CHAT, json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            start = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert process.wait(timeout=30) == 0, log.read_text()
+        assert time.monotonic() - start < 20
+        stuck.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
