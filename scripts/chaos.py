@@ -67,8 +67,9 @@ def check_stream(lines: list[str], n: int) -> str | None:
 
 
 async def client(http: httpx.AsyncClient, url: str, model: str, deadline: float, rng: random.Random,
-                 disconnect: float, stats: dict, failures: list[str]) -> None:
-    while time.monotonic() < deadline:
+                 disconnect: float, stats: dict, failures: list[str], requests: int | None) -> None:
+    while time.monotonic() < deadline and (requests is None or stats["sent"] < requests):
+        stats["sent"] += 1
         path, body = random_request(rng, model)
         leave_after = rng.randint(1, 12) if rng.random() < disconnect else None
         try:
@@ -99,16 +100,19 @@ async def client(http: httpx.AsyncClient, url: str, model: str, deadline: float,
 
 
 async def chaos(url: str, model: str, api_key: str | None = None, clients: int = 16, seconds: float = 60.0,
-                disconnect: float = 0.3, seed: int = 0) -> tuple[dict, list[str]]:
-    """Run the clients for `seconds`; the counts of complete and abandoned requests, and the failures."""
-    stats = {"complete": 0, "disconnected": 0}
+                disconnect: float = 0.3, seed: int = 0, requests: int | None = None,
+                stats: dict | None = None) -> tuple[dict, list[str]]:
+    """Run the clients for `seconds` (or until `requests` are sent); the counts of requests sent,
+    complete and abandoned (in `stats`, updated as they go, if given), and the failures."""
+    stats = stats if stats is not None else {}
+    stats.update(sent=0, complete=0, disconnected=0)
     failures: list[str] = []
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients + 2)
     async with httpx.AsyncClient(timeout=120, headers=headers, limits=limits) as http:
         await asyncio.gather(*(client(http, url, model, deadline, random.Random(seed * 1000 + k), disconnect,
-                                      stats, failures) for k in range(clients)))
+                                      stats, failures, requests) for k in range(clients)))
         # Abandoned rows are freed at the engine's next step: give it a moment.
         for _ in range(200):
             state = (await http.get(url + "/v1/debug/engine")).json()

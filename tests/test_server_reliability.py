@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -35,7 +37,7 @@ from test_server import check_error, free_port, wait_healthy  # noqa: E402
 KEY = "sk-reliability"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 MAX_SEQ_LEN = 128
-CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
+CHAT, TEXT_PATH = "/v1/chat/completions", "/v1/completions"
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +120,8 @@ GOOD = {"model": "small", "messages": [{"role": "user", "content": "Hi"}], "max_
 TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
 SURROGATES = [  # (path, body, the param named)
     (CHAT, {**GOOD, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
-    (TEXT, {"model": "small", "prompt": "x\udfff", "max_tokens": 2}, "prompt"),
-    (TEXT, {"model": "small", "prompt": ["ok", "\udc00"], "max_tokens": 2}, "prompt[1]"),
+    (TEXT_PATH, {"model": "small", "prompt": "x\udfff", "max_tokens": 2}, "prompt"),
+    (TEXT_PATH, {"model": "small", "prompt": ["ok", "\udc00"], "max_tokens": 2}, "prompt[1]"),
     (CHAT, {**GOOD, "tools": [{**TOOL, "function": {**TOOL["function"], "description": "\ud800"}}]},
      "tools[0].function.description"),
     (CHAT, {**GOOD, "model": "\ud800"}, "model"),
@@ -281,3 +283,37 @@ def test_chaos_then_every_row_free_and_greedy_answers_unchanged(loaded):
     with serving(create_app(fresh(loaded), api_key=KEY)) as root:
         fresh_answer = httpx.post(root + CHAT, json=probe, headers=HEADERS, timeout=60).json()
     assert after["choices"][0]["message"]["content"] == fresh_answer["choices"][0]["message"]["content"]
+
+
+# --- fuzzing the request schema ------------------------------------------------------------------------------
+
+TEXT = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=6) | st.sampled_from(
+    ["\ud800", "a\udfffb", "\U0001F600", "", " ", "[INST]", "</s>"])  # lone surrogates included
+VALUE = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | TEXT,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+                     max_leaves=10)
+KNOWN = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
+         "seed", "stream", "stream_options", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "top_k",
+         "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "user",
+         "continue_final_message", "response_format"]
+FIELD = st.sampled_from(KNOWN) | TEXT  # unknown names too: a 4xx, or a 200 where a server is lenient about them
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from([CHAT, TEXT_PATH]), changes=st.dictionaries(FIELD, VALUE, max_size=4),
+       whole=st.none() | VALUE)
+def test_fuzzed_requests_never_get_a_5xx(server, path, changes, whole):
+    """Hypothesis against the real server: any JSON (NaN, Infinity, huge integers, lone surrogates,
+    unknown fields, a body that is no object) gets a 2xx or a 4xx, and every error OpenAI's shape."""
+    body = {**GOOD, "prompt": "Hi"} if path == TEXT_PATH else dict(GOOD)
+    body.update(changes)
+    for field in ("max_tokens", "n"):  # keep the valid ones short
+        if isinstance(body.get(field), int) and not isinstance(body.get(field), bool):
+            body[field] = min(body[field], 2)
+    if "max_tokens" in body:
+        body.pop("max_completion_tokens", None)
+    content = json.dumps(whole if whole is not None else body)  # allow_nan: NaN and Infinity as Python writes them
+    r = httpx.post(server + path, content=content, headers=HEADERS, timeout=60)
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        check_error(r, r.status_code, r.json()["error"]["param"], r.json()["error"]["code"])
