@@ -8,7 +8,8 @@ Routes, under both `/v1` and `/v3/openai` (the provider page's base URL path):
     POST /chat/completions     POST /completions     GET /models     GET /models/{name}
     GET  /debug/engine         (rows running, waiting and free: to watch batching and cancellation)
 
-and `GET /health` at the root, without a key: 503 while the model loads, then 200.
+and `GET /health` at the root, without a key: 503 while the model loads, then 200; `GET /openapi.json`
+(the request schemas below, the error body) and `GET /docs` (its interactive page), without a key too.
 
 This layer is thin, as vLLM's is: it checks the key, reads the JSON body against the schemas below,
 hands the parameters to `Mistral.acreate_chat_completion` / `acreate_completion` (which validate
@@ -17,9 +18,11 @@ nothing of tensors. Every failure leaves as OpenAI's error body,
 
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
-with 400 for anything wrong in a request, 401 for the key, 404 for an unknown model or route, 413
-for an oversized body, 429 when the engine's queue is full and 503 while loading. A 500 means a
-fault of ours; its body never carries a traceback (the log does).
+with 400 for anything wrong in a request, 401 for the key, 404 for an unknown model or route, 405
+(with `Allow`) for a wrong method, 408 for a body that stops arriving, 413 for an oversized body, 429
+when the engine's queue is full and 503 while loading. A 500 means a fault of ours; its body never
+carries a traceback (the log does), and it says `Connection: close`. Malformed HTTP never reaches
+the app: uvicorn answers it with a plain-text 400.
 
 A client that goes away is noticed by a task that waits for `http.disconnect`; the generation is
 then cancelled, and the engine frees its cache row at its next step.
@@ -139,6 +142,19 @@ NOT_SUPPORTED = frozenset({
 })
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: every answer that is not a 200."""
+
+    error: ErrorDetail
+
+
 # --- errors --------------------------------------------------------------------------------------------
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -154,8 +170,9 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=_ERROR_TYPES.get(self.status, "invalid_request_error"),
+                             param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         if self.status >= 500 or self.status == 408:  # a connection in an unknown state: say it ends here
@@ -436,14 +453,14 @@ def create_app(
     async def retrieve_model(name: str) -> dict:
         return _model_card(backend.served(name).model_name, backend.created)
 
-    @api.post("/chat/completions")
+    @api.post("/chat/completions", **_documented(ChatCompletionRequest, "chat.completion", "chat.completion.chunk"))
     async def chat_completions(request: Request) -> Response:
         backend.get()  # 503 while loading, before reading the body
         req: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
         llm = backend.served(req.model)
         return await _answer(request, bool(req.stream), llm.acreate_chat_completion(req.messages, **req.params()), backend)
 
-    @api.post("/completions")
+    @api.post("/completions", **_documented(CompletionRequest, "text_completion", "text_completion"))
     async def completions(request: Request) -> Response:
         backend.get()
         req: CompletionRequest = await read_body(request, CompletionRequest)
@@ -454,10 +471,10 @@ def create_app(
     async def engine_state() -> dict:
         return {**backend.get().engine.stats(), "open_streams": backend.open_streams}
 
-    app = FastAPI(title="Mistral-7B-Instruct-v0.3 (OpenAI-compatible)", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)  # the API is OpenAI's; its docs are theirs
+    app = FastAPI(title="Mistral-7B-Instruct-v0.3 (OpenAI-compatible)", lifespan=lifespan, redoc_url=None)
     for prefix in ("/v1", "/v3/openai"):
         app.include_router(api, prefix=prefix)
+    app.openapi = lambda: app.openapi_schema or _openapi(app)  # /openapi.json and /docs, without a key
 
     @app.get("/health")
     async def health() -> Response:
@@ -493,6 +510,32 @@ def create_app(
 
     app.state.backend = backend
     return app
+
+
+def _documented(schema: type[BaseModel], answer: str, chunk: str) -> dict:
+    """The OpenAPI description of a generation route. The routes read their bodies themselves (to
+    count bytes and name fields as OpenAI does), so the request schema is declared here."""
+    errors = {status: {"model": ErrorResponse, "description": text} for status, text in (
+        (400, "a bad request"), (401, "a missing or wrong key"), (404, "an unknown model"), (408, "a body that stopped"),
+        (413, "a body over the limit"), (429, "the queue is full"), (503, "the model is loading"))}
+    ok = {"description": f"a `{answer}` object; with `stream: true`, server-sent events of `{chunk}` objects, "
+                         "then `data: [DONE]` (OpenAI's shapes)",
+          "content": {"application/json": {}, "text/event-stream": {}}}
+    body = {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}
+    return {"openapi_extra": {"requestBody": body}, "responses": {200: ok, **errors}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    from fastapi.openapi.utils import get_openapi
+
+    spec = get_openapi(title=app.title, version="1", routes=app.routes)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ChatCompletionRequest, CompletionRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    app.openapi_schema = spec
+    return spec
 
 
 def _model_card(name: str, created: int) -> dict:

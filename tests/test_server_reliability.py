@@ -317,3 +317,29 @@ def test_fuzzed_requests_never_get_a_5xx(server, path, changes, whole):
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
         check_error(r, r.status_code, r.json()["error"]["param"], r.json()["error"]["code"])
+
+
+# --- the published schema --------------------------------------------------------------------------------------
+
+
+def test_openapi_schema_and_docs_are_published(server):
+    """/openapi.json is a valid OpenAPI document whose request schemas agree with what the server
+    accepts and refuses; /docs serves the interactive page. Both were 404."""
+    validator = pytest.importorskip("openapi_spec_validator")
+    jsonschema = pytest.importorskip("jsonschema")
+    spec = httpx.get(server + "/openapi.json", timeout=10).json()
+    validator.validate(spec)
+    post = spec["paths"][CHAT]["post"]
+    ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/ChatCompletionRequest"
+    assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorResponse"
+    schema = {**spec["components"]["schemas"]["ChatCompletionRequest"], "components": spec["components"]}
+    check = jsonschema.Draft202012Validator(schema)
+    for body in (GOOD, {**GOOD, "temperature": "hot"}, {**GOOD, "stream_options": {"include_usage": 1}},
+                 {k: v for k, v in GOOD.items() if k != "messages"}):
+        r = httpx.post(server + CHAT, json=body, headers=HEADERS, timeout=30)
+        assert check.is_valid(body) == (r.status_code == 200), (body, r.text)
+    check_error(httpx.post(server + CHAT, json={**GOOD, "temperature": "hot"}, headers=HEADERS, timeout=30), 400,
+                "temperature", "invalid_type")
+    docs = httpx.get(server + "/docs", timeout=10)
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
