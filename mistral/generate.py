@@ -604,5 +604,8 @@ async def _alast(it: AsyncIterator[dict]) -> dict:
 
 
 def dumps(obj: dict) -> str:
-    """Compact JSON for a chunk (what the server frames as an SSE event)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON for a chunk (what the server frames as an SSE event). U+0085, U+2028 and U+2029,
+    which JSON may leave raw, are escaped: line readers built on str.splitlines (httpx's among them)
+    break an event at them, though SSE ends lines only at CR and LF."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

@@ -53,6 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import RequestError
+from .generate import dumps
 
 if TYPE_CHECKING:
     from .generate import Mistral
@@ -609,7 +610,7 @@ async def _events(first: dict | None, chunks: AsyncIterator[dict], backend: _Bac
 
 
 def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {dumps(obj)}\n\n"
 
 
 # --- serving with uvicorn ------------------------------------------------------------------------------

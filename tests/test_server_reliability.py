@@ -343,3 +343,46 @@ def test_openapi_schema_and_docs_are_published(server):
                 "temperature", "invalid_type")
     docs = httpx.get(server + "/docs", timeout=10)
     assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+
+def test_health_answers_while_a_4_mb_body_is_parsed_and_tokenized(server):
+    """Parsing and tokenizing run on a worker thread: /health, polled meanwhile, keeps answering.
+    Was: the event loop held for the whole request (3.6 s here for one 4 MB body, on a shared
+    2-core machine), so the poll's slowest answer took as long as the big request."""
+    async def run() -> tuple[float, list[float]]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {**GOOD, "messages": [{"role": "user", "content": "word " * 800_000}]}
+            latencies: list[float] = []
+            done = asyncio.Event()
+
+            async def poll() -> None:
+                while not done.is_set():
+                    start = time.monotonic()
+                    assert (await http.get(server + "/health")).status_code == 200
+                    latencies.append(time.monotonic() - start)
+                    await asyncio.sleep(0.02)
+
+            poller = asyncio.create_task(poll())
+            await asyncio.sleep(0.1)
+            start = time.monotonic()
+            r = await http.post(server + CHAT, json=body, headers=HEADERS)
+            took = time.monotonic() - start
+            done.set()
+            await poller
+            check_error(r, 400, "messages", "context_length_exceeded")
+            return took, latencies
+
+    took, latencies = asyncio.run(run())
+    assert max(latencies) < took / 3, (took, max(latencies), len(latencies))
+
+
+def test_sse_events_survive_splitlines_readers():
+    """Model text may hold U+2028, U+2029 or U+0085, which JSON leaves raw; httpx's line reader (and
+    any built on str.splitlines) broke such an event in two (found by scripts/soak.py)."""
+    from httpx._decoders import LineDecoder
+
+    from mistral.generate import dumps
+
+    chunk = {"choices": [{"delta": {"content": "a\u2028b\u2029c\x85d\ne\rf"}}]}
+    lines = LineDecoder().decode(f"data: {dumps(chunk)}\n\n")
+    assert lines == [lines[0], ""] and json.loads(lines[0].removeprefix("data: ")) == chunk
