@@ -3,10 +3,12 @@
 Continuous batching: the cache has `max_batch` rows; a sequence owns one row from the step it is
 admitted until it finishes. Each `step()`:
 
-    1. drops cancelled sequences and frees their rows;
-    2. admits waiting sequences into free rows: a prefill of the prompt (alone, so a prompt's
-       numbers never depend on its neighbours), and the first token sampled;
-    3. runs one decode step for every running row at once: one token in, one token out per row.
+    1. drops cancelled sequences, waiting or running, and frees their rows;
+    2. admits waiting sequences into the rows now free, never more: a prefill of the prompt (alone,
+       so a prompt's numbers never depend on its neighbours), and the first token sampled; a
+       prefill that fails finishes that sequence alone, with an error;
+    3. runs one decode step for every running row at once: one token in, one token out per row
+       (a failure here fails the rows of that batch, which share it).
 
 Tokens go out through each sequence's `emit` callback as `TokenEvent`s, then one `FinishEvent`.
 The engine knows token ids only: text, stop strings and chat formats live in the layers above
