@@ -431,7 +431,7 @@ def create_app(
         while True:  # a chunked body has no length up front: count as it comes
             try:
                 piece = await asyncio.wait_for(anext(pieces, None), body_timeout)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
                 raise APIError(408, f"the request body stopped arriving ({body_timeout:g} s without a byte)",
                                code="request_timeout") from None
             if piece is None:
