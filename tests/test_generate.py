@@ -417,6 +417,14 @@ def test_bad_messages_name_the_index(llm):
     assert info.value.param.startswith("messages[1]")
 
 
+def test_a_lone_surrogate_is_a_request_error(llm):
+    """SentencePiece's binding refused such a str with "Unable to cast Python instance ... to C++ type"."""
+    with pytest.raises(RequestError, match=r"lone surrogate \(\\ud800 at index 1\)"):
+        llm.create_chat_completion([{"role": "user", "content": "a\ud800b"}], max_tokens=2)
+    with pytest.raises(RequestError, match="lone surrogate"):
+        llm.create_completion("x\udfff", max_tokens=2)
+
+
 def test_max_tokens_clamped_to_the_context(llm):
     prompt_len = len(encode_chat(llm.tokenizer, MESSAGES))
     result = llm.create_chat_completion(MESSAGES, max_tokens=10_000, temperature=0, ignore_eos=True)
