@@ -23,10 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
+
+# Bounds far past any real checkpoint (v0.3: 32 layers, widths up to 32768), so that a corrupt or
+# hostile config fails at once instead of building a model that cannot exist.
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**20
 
 
 @dataclass(frozen=True)
@@ -44,15 +50,20 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size"):
-            value = getattr(self, name)
+            value, limit = getattr(self, name), MAX_LAYERS if name == "n_layers" else MAX_WIDTH
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+            if value > limit:  # no real model comes near; building one this size would only exhaust memory
+                shown = value if value < 2**50 else f"~2**{value.bit_length() - 1}"
+                raise ValueError(f"ModelArgs.{name} is {shown}, past the limit of {limit}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ValueError("norm_eps and rope_theta must be positive")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ModelArgs.{name} must be a positive finite number, got {value!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window!r}")
 
@@ -101,7 +112,7 @@ class ModelArgs:
             n_layers=_field(params, "n_layers", int, source),
             n_heads=n_heads,
             n_kv_heads=_field(params, "n_kv_heads", int, source),
-            head_dim=_field(params, "head_dim", int, source, default=dim // n_heads),
+            head_dim=_field(params, "head_dim", int, source, default=_head_dim(dim, n_heads)),
             hidden_dim=_field(params, "hidden_dim", int, source),
             norm_eps=_field(params, "norm_eps", float, source),
             vocab_size=_field(params, "vocab_size", int, source),
@@ -125,7 +136,7 @@ class ModelArgs:
             n_layers=_field(config, "num_hidden_layers", int, source),
             n_heads=n_heads,
             n_kv_heads=_field(config, "num_key_value_heads", int, source),
-            head_dim=_field(config, "head_dim", int, source, default=dim // n_heads),
+            head_dim=_field(config, "head_dim", int, source, default=_head_dim(dim, n_heads)),
             hidden_dim=_field(config, "intermediate_size", int, source),
             norm_eps=_field(config, "rms_norm_eps", float, source),
             vocab_size=_field(config, "vocab_size", int, source),
@@ -141,8 +152,10 @@ class ModelArgs:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, or a 5000-digit number
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: not a config file (JSON nested too deeply)") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
         if "hidden_size" in data or "num_hidden_layers" in data:
@@ -156,11 +169,20 @@ _MISSING = object()
 def _number(value, kind: type, name: str, source: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CheckpointError(f"{source}: field {name!r} must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's 1e400 reads as inf; NaN, Infinity
+        raise CheckpointError(f"{source}: field {name!r} must be a finite number, got {value!r}")
     if kind is int:
-        if float(value) != int(value):
+        if isinstance(value, float) and not value.is_integer():
             raise CheckpointError(f"{source}: field {name!r} must be an integer, got {value!r}")
         return int(value)
+    if abs(value) > 1e300:  # an integer too large for a float (10**400 is valid JSON)
+        raise CheckpointError(f"{source}: field {name!r} must be a finite number, got ~2**{int(value).bit_length() - 1}")
     return float(value)
+
+
+def _head_dim(dim, n_heads):
+    """v0.1's default, dim // n_heads; 0 (refused by ModelArgs, naming n_heads) when n_heads is not positive."""
+    return dim // n_heads if n_heads > 0 else 0
 
 
 def _field(data: dict, name: str, kind: type, source: str, default=_MISSING):

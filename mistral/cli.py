@@ -492,15 +492,19 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together: KV-cache rows")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a row; more get 429")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's, one per core)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running answers may take to finish before they are cut (default 30)")
     p.set_defaults(run=cmd_serve)
 
 
 def cmd_serve(a) -> None:
+    import signal
+
     import uvicorn
 
     from .devices import resolve_device
     from .generate import Mistral
-    from .server import create_app
+    from .server import create_app, uvicorn_config
 
     for flag in ("port", "max_batch", "max_seq_len", "max_queue", "threads"):
         value = getattr(a, flag)
@@ -510,6 +514,10 @@ def cmd_serve(a) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
+    if a.api_key is not None and not a.api_key.strip():
+        raise MistralError("--api-key is empty: give a key, or leave the flag out for a server without one")
+    if a.shutdown_timeout < 0:
+        raise MistralError(f"--shutdown-timeout must be >= 0, got {a.shutdown_timeout:g}")
     api_key = a.api_key if a.api_key is not None else os.environ.get("MISTRAL_API_KEY") or None
     # What would fail once the server is up is checked before it says it listens.
     resolve_device(a.device)
@@ -541,9 +549,13 @@ def cmd_serve(a) -> None:
         server.should_exit = True
 
     app = create_app(load, api_key=api_key, served_model_name=a.served_model_name, on_load_error=stop_on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info" if a.verbose else "warning"))
+    server = uvicorn.Server(uvicorn_config(app, host=a.host, port=a.port, shutdown_timeout=a.shutdown_timeout,
+                                           log_level="info" if a.verbose else "warning"))
     print(f"mistral serve: loading {a.weights}; listening on {url} (GET /health is 503 until the model is ready)",
           file=sys.stderr, flush=True)
+    # uvicorn raises the signal it stopped on again once it has shut down; SIGTERM is how
+    # supervisors ask for a stop, and a stop that finished its work exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     server.run(sockets=[sock])
     if failed:
         raise MistralError(f"loading {a.weights} failed: {failed[0]}")

@@ -3,10 +3,12 @@
 Continuous batching: the cache has `max_batch` rows; a sequence owns one row from the step it is
 admitted until it finishes. Each `step()`:
 
-    1. drops cancelled sequences and frees their rows;
-    2. admits waiting sequences into free rows: a prefill of the prompt (alone, so a prompt's
-       numbers never depend on its neighbours), and the first token sampled;
-    3. runs one decode step for every running row at once: one token in, one token out per row.
+    1. drops cancelled sequences, waiting or running, and frees their rows;
+    2. admits waiting sequences into the rows now free, never more: a prefill of the prompt (alone,
+       so a prompt's numbers never depend on its neighbours), and the first token sampled; a
+       prefill that fails finishes that sequence alone, with an error;
+    3. runs one decode step for every running row at once: one token in, one token out per row
+       (a failure here fails the rows of that batch, which share it).
 
 Tokens go out through each sequence's `emit` callback as `TokenEvent`s, then one `FinishEvent`.
 The engine knows token ids only: text, stop strings and chat formats live in the layers above
@@ -208,24 +210,27 @@ class Engine:
     def step(self) -> None:
         with self._cv:
             cancelled, self._cancelled = self._cancelled, set()
-            admitted = []
-            while self.waiting and (len(admitted) < len(self.free_rows) or cancelled):
-                seq = self.waiting.popleft()
-                if seq.id in cancelled:
-                    seq.finished = True
-                    continue
-                admitted.append(seq)
-        for seq in list(self.running.values()):
-            if seq.id in cancelled:
-                self._finish(seq, FinishEvent("cancelled"))
-        try:
-            for seq in admitted:
+            dropped = [s for s in self.waiting if s.id in cancelled] if cancelled else []
+            if dropped:  # a cancelled sequence never takes a row, wherever it waits in the queue
+                self.waiting = collections.deque(s for s in self.waiting if s.id not in cancelled)
+        for seq in dropped + [s for s in self.running.values() if s.id in cancelled]:
+            self._finish(seq, FinishEvent("cancelled"))
+        # Only now are the cancelled sequences' rows free: admit at most as many as there are.
+        with self._cv:
+            admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.free_rows)))]
+        for seq in admitted:
+            try:
                 self._prefill(seq)
-            if self.running:
-                self._decode()
-        except Exception as e:  # never leave a consumer waiting forever
-            log.exception("engine step failed")
-            for seq in list(self.running.values()) + [s for s in admitted if s.row is None and not s.finished]:
+            except Exception as e:  # one prompt's failure is that sequence's alone
+                log.exception("prefill failed")
+                self._finish(seq, FinishEvent("error", f"{type(e).__name__}: {e}"))
+        if not self.running:
+            return
+        try:
+            self._decode()
+        except Exception as e:  # the rows decode as one batch: no consumer may wait forever
+            log.exception("decode step failed")
+            for seq in list(self.running.values()):
                 self._finish(seq, FinishEvent("error", f"{type(e).__name__}: {e}"))
 
     def _prefill(self, seq: Sequence) -> None:

@@ -170,12 +170,13 @@ class Mistral:
         return self._stream(job) if stream else _last(self._stream(job))
 
     async def acreate_chat_completion(self, messages: list[dict], *, stream: bool = False, **params):
-        """The async twin of create_chat_completion; needs `start()`. Validation errors raise at once."""
-        job = self._chat_job(messages, stream=stream, **params)
+        """The async twin of create_chat_completion; needs `start()`. Validation errors raise at once.
+        The prompt is built and tokenized on a worker thread: a long one does not hold up the event loop."""
+        job = await asyncio.to_thread(self._chat_job, messages, stream=stream, **params)
         return self._astream(job) if stream else await _alast(self._astream(job))
 
     async def acreate_completion(self, prompt: str | list, *, stream: bool = False, **params):
-        job = self._text_job(prompt, stream=stream, **params)
+        job = await asyncio.to_thread(self._text_job, prompt, stream=stream, **params)
         return self._astream(job) if stream else await _alast(self._astream(job))
 
     # --- building jobs ---------------------------------------------------------------------------------
@@ -540,8 +541,8 @@ class _Job:
         top = []
         for token, logprob in ev.top_logprobs or ():
             t, b = self._token_text(token)
-            top.append({"token": t, "logprob": logprob, "bytes": b})
-        return {"token": text, "logprob": ev.logprob, "bytes": raw, "top_logprobs": top}
+            top.append({"token": t, "logprob": _finite(logprob), "bytes": b})
+        return {"token": text, "logprob": _finite(ev.logprob), "bytes": raw, "top_logprobs": top}
 
     @staticmethod
     def _text_logprobs(entries: list[dict]) -> dict:
@@ -586,6 +587,12 @@ def _stop_strings(stop) -> list[str]:
     return stops
 
 
+def _finite(logprob: float) -> float:
+    """JSON has no -inf (a token the model rules out, a forced one included) nor NaN: such logprobs
+    go out as -9999.0, as vLLM writes them, so that every answer stays valid JSON."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
 def _last(it: Iterator[dict]) -> dict:
     result = None
     for result in it:
@@ -601,5 +608,8 @@ async def _alast(it: AsyncIterator[dict]) -> dict:
 
 
 def dumps(obj: dict) -> str:
-    """Compact JSON for a chunk (what the server frames as an SSE event)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON for a chunk (what the server frames as an SSE event). U+0085, U+2028 and U+2029,
+    which JSON may leave raw, are escaped: line readers built on str.splitlines (httpx's among them)
+    break an event at them, though SSE ends lines only at CR and LF."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

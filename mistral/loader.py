@@ -144,9 +144,14 @@ def find_checkpoint(folder: str | Path, prefer: str | None = None) -> Checkpoint
 def _shards_from_index(index: Path) -> tuple[Path, ...]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        names = list(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    for name in names:
+        # A shard is a file beside the index: never a path that leads out of the folder.
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"{index}: weight_map names {name!r} as a shard; expected a file name in {index.parent}")
+    names = sorted(set(names))
     shards = tuple(index.parent / name for name in names)
     for shard in shards:
         if not shard.is_file():
@@ -189,6 +194,7 @@ def load_model(
     args = ckpt.args()
     device = resolve_device(device if device is not None else "cpu")
     dtype = as_dtype(dtype) if dtype is not None else None
+    _check_layer_count(ckpt, args)  # before building: a config's n_layers alone decides the model's size
 
     with torch.device("meta"):
         model = Transformer(args, max_seq_len=max_seq_len)
@@ -222,8 +228,9 @@ def load_model(
                         f"{path}: tensor {key!r} has shape {list(tensor.shape)}, but {ckpt.config_file.name} "
                         f"implies {list(expected[name])}"
                     )
-                if not tensor.is_floating_point():
-                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
+                if tensor.dtype not in _DTYPES.values():  # float8 and integers: the model computes in neither
+                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                                          "this loader reads float32, bfloat16 and float16 checkpoints")
                 if not state:  # the first tensor tells the file's dtype: will the copies fit?
                     _check_memory(ckpt.folder, expected, tensor.dtype, dtype or tensor.dtype, device)
                 if ckpt.format == HF and name.endswith(("attention.wq.weight", "attention.wk.weight")):
@@ -231,6 +238,7 @@ def load_model(
                     tensor = unpermute_from_hf(tensor, n)
                 # On CPU with the file's own dtype this is no copy: the parameter maps the file.
                 state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                _check_finite(path, key, tensor.dtype, state[name])
                 seen_in[name] = path
                 bar.update(1)
     if bar is not None:
@@ -254,6 +262,35 @@ def load_model(
     model.eval()
     log.info("loaded %s (%s format, %d tensors) on %s", ckpt.folder, ckpt.format, len(state), device)
     return model
+
+
+_LAYER_INDEX = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+def _check_layer_count(ckpt: Checkpoint, args: ModelArgs) -> None:
+    """The layers the tensor files hold (from their headers, no tensor read) against the config's
+    count, before a model is built: a config claiming a million layers would otherwise take memory
+    without end on the meta device. Widths are checked against each tensor's shape as it is read."""
+    layers = set()
+    for path in ckpt.tensor_files:
+        with _open_safetensors(path) as f:
+            layers.update(int(m.group(1)) for m in map(_LAYER_INDEX.match, f.keys()) if m)
+    held = max(layers) + 1 if layers else 0
+    if held < args.n_layers:  # more tensors than layers: the loop below names the first unexpected one
+        files = ", ".join(p.name for p in ckpt.tensor_files)
+        raise CheckpointError(f"{ckpt.config_file}: {args.n_layers} layers, but {files} hold tensors of {held}")
+
+
+def _check_finite(path: Path, key: str, file_dtype: torch.dtype, tensor: torch.Tensor) -> None:
+    """Refuse NaN or infinite weights, which would make every answer garbage (or non-JSON logprobs).
+    One reduction over each tensor as it is loaded: the min and max are finite only if every value
+    is (both propagate NaN). On the CPU that is ~14x faster than `isfinite(t).all()`, which writes a
+    mask as large as the tensor: 0.07 s against 1.0 s for 50M bfloat16 values here."""
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    cast = f" once converted to {str(tensor.dtype).removeprefix('torch.')} (too large for it)" if tensor.dtype != file_dtype else ""
+    raise CheckpointError(f"{path}: tensor {key!r} holds NaN or infinite values{cast}")
 
 
 def _available_memory(device: torch.device) -> int | None:

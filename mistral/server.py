@@ -8,7 +8,8 @@ Routes, under both `/v1` and `/v3/openai` (the provider page's base URL path):
     POST /chat/completions     POST /completions     GET /models     GET /models/{name}
     GET  /debug/engine         (rows running, waiting and free: to watch batching and cancellation)
 
-and `GET /health` at the root, without a key: 503 while the model loads, then 200.
+and `GET /health` at the root, without a key: 503 while the model loads, then 200; `GET /openapi.json`
+(the request schemas below, the error body) and `GET /docs` (its interactive page), without a key too.
 
 This layer is thin, as vLLM's is: it checks the key, reads the JSON body against the schemas below,
 hands the parameters to `Mistral.acreate_chat_completion` / `acreate_completion` (which validate
@@ -17,9 +18,11 @@ nothing of tensors. Every failure leaves as OpenAI's error body,
 
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
-with 400 for anything wrong in a request, 401 for the key, 404 for an unknown model or route, 413
-for an oversized body, 429 when the engine's queue is full and 503 while loading. A 500 means a
-fault of ours; its body never carries a traceback (the log does).
+with 400 for anything wrong in a request, 401 for the key, 404 for an unknown model or route, 405
+(with `Allow`) for a wrong method, 408 for a body that stops arriving, 413 for an oversized body, 429
+when the engine's queue is full and 503 while loading. A 500 means a fault of ours; its body never
+carries a traceback (the log does), and it says `Connection: close`. Malformed HTTP never reaches
+the app: uvicorn answers it with a plain-text 400.
 
 A client that goes away is noticed by a task that waits for `http.disconnect`; the generation is
 then cancelled, and the engine frees its cache row at its next step.
@@ -33,19 +36,24 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import types
 import typing
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
+import h11
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import RequestError
+from .generate import dumps
 
 if TYPE_CHECKING:
     from .generate import Mistral
@@ -53,6 +61,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("mistral.server")
 
 MAX_BODY_BYTES = 4 * 2**20  # a 32k-token conversation is ~150 KB of text; tool schemas add a little
+# A client that stops sending half-way holds a connection (and a graceful shutdown) forever.
+HEADER_TIMEOUT_S = 10.0  # from the connection (or the last answer on it) to the end of the request's headers
+BODY_TIMEOUT_S = 30.0  # the longest pause between two pieces of a body
+SHUTDOWN_TIMEOUT_S = 30.0  # on SIGTERM, how long running answers may take to finish before they are cut
 OWNED_BY = "mistral-from-scratch"
 
 
@@ -131,10 +143,23 @@ NOT_SUPPORTED = frozenset({
 })
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: every answer that is not a 200."""
+
+    error: ErrorDetail
+
+
 # --- errors --------------------------------------------------------------------------------------------
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 429: "requests",
+                405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 429: "requests",
                 500: "server_error", 503: "server_error"}
 
 
@@ -146,15 +171,33 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=_ERROR_TYPES.get(self.status, "invalid_request_error"),
+                             param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        if self.status >= 500 or self.status == 408:  # a connection in an unknown state: say it ends here
+            headers = {**(headers or {}), "Connection": "close"}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+def _parse_body(body: bytes, schema: type[BaseModel]) -> BaseModel:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise APIError(400, "We could not parse the JSON body of your request. The body must be a JSON "
+                            "object (the Content-Type header should be application/json).",
+                       code="invalid_json") from None
+    if _MAYBE_SURROGATE.search(body):
+        _check_unicode(data)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise _from_validation_error(e, schema, data) from None
 
 
 def _from_request_error(e: RequestError) -> APIError:
@@ -166,6 +209,8 @@ def _from_request_error(e: RequestError) -> APIError:
 def _from_validation_error(e: ValidationError, schema: type[BaseModel], data: Any) -> APIError:
     err = e.errors(include_url=False)[0]
     if not err["loc"]:
+        if isinstance(data, dict):  # the body as a whole is an object, but pydantic refused it
+            return APIError(400, f"the request body is invalid: {err['msg']}")
         return APIError(400, f"the request body must be a JSON object, got {_json_type(data)}")
     param, expected, value = _locate(schema, data, err["loc"])
     if err["type"] == "missing":
@@ -224,6 +269,42 @@ def _describe(annotation: Any, plural: bool = False) -> str:
         else:  # dict[str, Any], a nested schema
             words.append("objects" if plural else "an object")
     return " or ".join(words)
+
+
+# JSON can only carry a lone surrogate as an escape (raw bytes that aren't UTF-8 fail to parse);
+# escaped pairs (an emoji, as json.dumps writes it) match too, and pass the check.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(data: Any) -> None:
+    """Refuse a string or key holding a lone UTF-16 surrogate ("\\ud800"): JSON allows the escape,
+    but no tokenizer or encoder takes the result. Walked without recursion, as deep as the body goes."""
+    todo = [(None, data)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str):
+            bad = _surrogate(value)
+            if bad:
+                raise APIError(400, f"'{path}' is not valid Unicode: it holds a lone surrogate ({bad})", path,
+                               "invalid_value")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                bad = _surrogate(key)
+                if bad:
+                    where = f"an object key in '{path}'" if path else "a key of the request body"
+                    raise APIError(400, f"{where} is not valid Unicode: it holds a lone surrogate ({bad})", path,
+                                   "invalid_value")
+                todo.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            todo.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+
+
+def _surrogate(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return ascii(text[e.start])[1:-1]
 
 
 def _json_type(value: Any) -> str:
@@ -305,6 +386,7 @@ def create_app(
     served_model_name: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     on_load_error: Callable[[BaseException], None] | None = None,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The ASGI app. Give it a loaded `Mistral`, or a function that loads one (run on a background
     thread at startup, so that /health can answer 503 meanwhile). The app starts the model's engine
@@ -313,7 +395,10 @@ def create_app(
     api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
     served_model_name: the name clients must ask for (default: the model's own `model_name`).
     on_load_error: called with the exception if the loader fails (the CLI stops the server).
+    body_timeout: seconds a body may pause between two pieces before the answer is a 408.
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: give a key, or None for a server without one")
     backend = _Backend(llm_or_loader, served_model_name, on_load_error)
     key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
@@ -342,21 +427,22 @@ def create_app(
             raise APIError(413, f"the request body has {int(declared)} bytes; the limit is {max_body_bytes}",
                            code="request_too_large")
         body = bytearray()
-        async for piece in request.stream():  # a chunked body has no length up front: count as it comes
+        pieces = request.stream()
+        while True:  # a chunked body has no length up front: count as it comes
+            try:
+                piece = await asyncio.wait_for(anext(pieces, None), body_timeout)
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
+                raise APIError(408, f"the request body stopped arriving ({body_timeout:g} s without a byte)",
+                               code="request_timeout") from None
+            if piece is None:
+                break
             body += piece
             if len(body) > max_body_bytes:
                 raise APIError(413, f"the request body is over the limit of {max_body_bytes} bytes",
                                code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            raise APIError(400, "We could not parse the JSON body of your request. The body must be a JSON "
-                                "object (the Content-Type header should be application/json).",
-                           code="invalid_json") from None
-        try:
-            return schema.model_validate(data)
-        except ValidationError as e:
-            raise _from_validation_error(e, schema, data) from None
+        # Parsing a body of megabytes takes a while: on a worker thread, so that other clients'
+        # streams and /health go on meanwhile.
+        return await asyncio.to_thread(_parse_body, bytes(body), schema)
 
     api = APIRouter(dependencies=[Depends(check_key)])
 
@@ -368,14 +454,14 @@ def create_app(
     async def retrieve_model(name: str) -> dict:
         return _model_card(backend.served(name).model_name, backend.created)
 
-    @api.post("/chat/completions")
+    @api.post("/chat/completions", **_documented(ChatCompletionRequest, "chat.completion", "chat.completion.chunk"))
     async def chat_completions(request: Request) -> Response:
         backend.get()  # 503 while loading, before reading the body
         req: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
         llm = backend.served(req.model)
         return await _answer(request, bool(req.stream), llm.acreate_chat_completion(req.messages, **req.params()), backend)
 
-    @api.post("/completions")
+    @api.post("/completions", **_documented(CompletionRequest, "text_completion", "text_completion"))
     async def completions(request: Request) -> Response:
         backend.get()
         req: CompletionRequest = await read_body(request, CompletionRequest)
@@ -386,10 +472,10 @@ def create_app(
     async def engine_state() -> dict:
         return {**backend.get().engine.stats(), "open_streams": backend.open_streams}
 
-    app = FastAPI(title="Mistral-7B-Instruct-v0.3 (OpenAI-compatible)", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)  # the API is OpenAI's; its docs are theirs
+    app = FastAPI(title="Mistral-7B-Instruct-v0.3 (OpenAI-compatible)", lifespan=lifespan, redoc_url=None)
     for prefix in ("/v1", "/v3/openai"):
         app.include_router(api, prefix=prefix)
+    app.openapi = lambda: app.openapi_schema or _openapi(app)  # /openapi.json and /docs, without a key
 
     @app.get("/health")
     async def health() -> Response:
@@ -411,8 +497,8 @@ def create_app(
             return APIError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url").response()
         if e.status_code == 405:
             return APIError(405, f"Method {request.method} is not allowed on {request.url.path}.",
-                            code="method_not_allowed").response()
-        return APIError(e.status_code, str(e.detail)).response()
+                            code="method_not_allowed").response(e.headers)  # Starlette's, with Allow
+        return APIError(e.status_code, str(e.detail)).response(e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError) -> Response:
@@ -425,6 +511,32 @@ def create_app(
 
     app.state.backend = backend
     return app
+
+
+def _documented(schema: type[BaseModel], answer: str, chunk: str) -> dict:
+    """The OpenAPI description of a generation route. The routes read their bodies themselves (to
+    count bytes and name fields as OpenAI does), so the request schema is declared here."""
+    errors = {status: {"model": ErrorResponse, "description": text} for status, text in (
+        (400, "a bad request"), (401, "a missing or wrong key"), (404, "an unknown model"), (408, "a body that stopped"),
+        (413, "a body over the limit"), (429, "the queue is full"), (503, "the model is loading"))}
+    ok = {"description": f"a `{answer}` object; with `stream: true`, server-sent events of `{chunk}` objects, "
+                         "then `data: [DONE]` (OpenAI's shapes)",
+          "content": {"application/json": {}, "text/event-stream": {}}}
+    body = {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}
+    return {"openapi_extra": {"requestBody": body}, "responses": {200: ok, **errors}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    from fastapi.openapi.utils import get_openapi
+
+    spec = get_openapi(title=app.title, version="1", routes=app.routes)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ChatCompletionRequest, CompletionRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    app.openapi_schema = spec
+    return spec
 
 
 def _model_card(name: str, created: int) -> dict:
@@ -498,4 +610,46 @@ async def _events(first: dict | None, chunks: AsyncIterator[dict], backend: _Bac
 
 
 def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {dumps(obj)}\n\n"
+
+
+# --- serving with uvicorn ------------------------------------------------------------------------------
+
+
+def uvicorn_config(app: FastAPI, *, header_timeout: float = HEADER_TIMEOUT_S,
+                   shutdown_timeout: float = SHUTDOWN_TIMEOUT_S, **options):
+    """uvicorn's Config for this app: connections that never finish their request headers are
+    closed after `header_timeout` seconds (uvicorn has no such limit of its own), and on SIGTERM
+    running answers get `shutdown_timeout` seconds to finish before they are cancelled. Malformed
+    HTTP is answered by uvicorn itself, with a plain-text 400."""
+    protocol = type("H11WithHeaderTimeout", (_H11WithHeaderTimeout,), {"header_timeout": header_timeout})
+    return uvicorn.Config(app, http=protocol, timeout_graceful_shutdown=shutdown_timeout, **options)
+
+
+class _H11WithHeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete
+    `header_timeout` seconds after it opened or after its last answer. The body has its own limit
+    (`body_timeout`, in the app)."""
+
+    header_timeout = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._restart_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _restart_header_timer(self) -> None:
+        self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _headers_late(self) -> None:
+        # IDLE: no complete request line and headers since the timer started.
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()

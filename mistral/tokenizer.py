@@ -111,7 +111,15 @@ class Tokenizer:
         """Text -> ids. Control tokens are never produced from text: "[INST]" encodes as plain text."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        ids = self._sp.encode(text)
+        try:
+            ids = self._sp.encode(text)
+        except RuntimeError:  # pybind11's "Unable to cast ... to C++ type": a str that isn't valid UTF-8
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(f"the text holds a lone surrogate ({ascii(text[e.start])[1:-1]} at index {e.start}), "
+                                   "which is not valid Unicode") from None
+            raise
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:

@@ -328,6 +328,32 @@ def test_tool_choice_none_bans_the_call(scripted):
     assert result["choices"][0]["finish_reason"] != "tool_calls"
 
 
+def test_a_ruled_out_forced_token_has_a_json_logprob(tmp_path):
+    """A forced [TOOL_CALLS] the model rules out entirely (logit -3.2e38 against +3.2e38: log p is
+    -inf in float32) still gives valid JSON: -9999.0, as vLLM writes it. Was -inf: a 500 from the
+    server's JSON encoder, `"logprob": -Infinity` in a stream."""
+    from safetensors.torch import load_file, save_file
+
+    from mistral.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_path(v3_tokenizer_file())
+    word = spell(tok, "ok", avoid={tok.eos_id, tok.inst_end_id, tok.tool_calls_id})
+    folder = write_scripted(tmp_path, [tok.inst_end_id, *word, tok.eos_id])
+    tensors = load_file(str(folder / "consolidated.safetensors"))
+    tensors["output.weight"][word[0], 0], tensors["output.weight"][tok.tool_calls_id, 0] = 4e37, -4e37
+    save_file(tensors, str(folder / "consolidated.safetensors"))
+    llm = Mistral.from_pretrained(folder, device="cpu", kernels="torch", max_batch=1, max_seq_len=64, quiet=True)
+    messages = [{"role": "user", "content": "Hi"}]
+    result = llm.create_chat_completion(messages, tools=TOOLS, tool_choice="required", max_tokens=2, temperature=0,
+                                        logprobs=True, top_logprobs=2)
+    first = result["choices"][0]["logprobs"]["content"][0]
+    assert first["token"] == "[TOOL_CALLS]" and first["logprob"] == -9999.0
+    json.dumps(result, allow_nan=False)  # what the server's JSONResponse does
+    for chunk in llm.create_chat_completion(messages, tools=TOOLS, tool_choice="required", max_tokens=2,
+                                            temperature=0, logprobs=True, stream=True):
+        json.dumps(chunk, allow_nan=False)
+
+
 def test_forced_tool_call_token_on_a_random_model_never_crashes(llm):
     """tool_choice=required forces [TOOL_CALLS]; random weights then write no valid JSON: it comes back as content."""
     result = llm.create_chat_completion(MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=6, temperature=0,
@@ -389,6 +415,14 @@ def test_bad_messages_name_the_index(llm):
     with pytest.raises(RequestError) as info:
         llm.create_chat_completion([{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}])
     assert info.value.param.startswith("messages[1]")
+
+
+def test_a_lone_surrogate_is_a_request_error(llm):
+    """SentencePiece's binding refused such a str with "Unable to cast Python instance ... to C++ type"."""
+    with pytest.raises(RequestError, match=r"lone surrogate \(\\ud800 at index 1\)"):
+        llm.create_chat_completion([{"role": "user", "content": "a\ud800b"}], max_tokens=2)
+    with pytest.raises(RequestError, match="lone surrogate"):
+        llm.create_completion("x\udfff", max_tokens=2)
 
 
 def test_max_tokens_clamped_to_the_context(llm):

@@ -184,6 +184,72 @@ def test_weights_that_cannot_fit_are_refused_before_loading(consolidated, monkey
     assert load_model(consolidated).output.weight.dtype == torch.float32  # the file's own dtype needs no copy
 
 
+# Hostile or corrupt configs: each a one-line error naming the file and field, before anything is built.
+BAD_PARAMS = [
+    ("n_heads", "0", r"n_heads must be a positive integer, got 0"),
+    ("dim", "1e400", r"field 'dim' must be a finite number, got inf"),
+    ("dim", "Infinity", r"field 'dim' must be a finite number, got inf"),
+    ("dim", "1e308", r"dim is ~2\*\*1023, past the limit of"),
+    ("n_layers", "NaN", r"field 'n_layers' must be a finite number, got nan"),
+    ("n_layers", "1000000", r"n_layers is 1000000, past the limit of 1024"),
+    ("n_layers", "1000", r"1000 layers, but consolidated\.safetensors hold tensors of 2"),
+    ("norm_eps", "Infinity", r"field 'norm_eps' must be a finite number"),
+    ("rope_theta", "1e400", r"field 'rope_theta' must be a finite number"),
+    ("vocab_size", "1" + "0" * 400, r"vocab_size is ~2\*\*1328, past the limit"),
+]
+
+
+@pytest.mark.parametrize("field, raw, message", BAD_PARAMS, ids=[f"{f}={r[:8]}" for f, r, _ in BAD_PARAMS])
+def test_absurd_params_are_one_line_errors(consolidated, field, raw, message):
+    params = json.loads((consolidated / "params.json").read_text())
+    params[field] = "RAW"
+    (consolidated / "params.json").write_text(json.dumps(params).replace('"RAW"', raw))
+    with pytest.raises(CheckpointError, match=rf"params\.json: .*{message}") as e:
+        load_model(consolidated)
+    assert "\n" not in str(e.value)
+
+
+def test_params_nested_too_deeply(consolidated):
+    (consolidated / "params.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=r"params\.json: .*nested too deeply"):
+        load_model(consolidated)
+
+
+@pytest.mark.parametrize("shard", [0, None, "/etc/passwd", "../x.safetensors", "sub/x.safetensors"])
+def test_index_names_no_shard_outside_the_folder(tmp_path, shard):
+    sharded = make_random(tmp_path / "s", ARGS, "hf", "float32", seed=3, shard_bytes=20_000, tokenizer=False)
+    index = sharded / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["lm_head.weight"] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: weight_map names .* as a shard"):
+        load_model(sharded)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(consolidated, value):
+    def poison(t):
+        t["layers.1.attention.wv.weight"][3, 5] = value
+
+    _rewrite(consolidated / "consolidated.safetensors", poison)
+    with pytest.raises(CheckpointError, match=r"consolidated\.safetensors: tensor 'layers\.1\.attention\.wv\.weight' holds NaN or infinite"):
+        load_model(consolidated)
+
+
+def test_weights_too_large_for_the_asked_dtype(consolidated):
+    _rewrite(consolidated / "consolidated.safetensors", lambda t: t["norm.weight"].fill_(1e6))
+    assert load_model(consolidated, dtype="bfloat16").norm.weight[0] > 0  # bfloat16 has float32's range
+    with pytest.raises(CheckpointError, match=r"tensor 'norm\.weight' holds NaN or infinite values once converted to float16"):
+        load_model(consolidated, dtype="float16")
+
+
+def test_float8_weights_are_refused(consolidated):
+    _rewrite(consolidated / "consolidated.safetensors",
+             lambda t: t.update({"output.weight": t["output.weight"].to(torch.float8_e4m3fn)}))
+    with pytest.raises(CheckpointError, match=r"tensor 'output\.weight' has dtype float8_e4m3fn; this loader reads"):
+        load_model(consolidated)
+
+
 def test_the_defaults_of_transformers_are_not_used():
     """v0.3's figures, which MistralConfig's defaults get wrong, come from the preset / file."""
     args = preset("7b-v0.3")
