@@ -10,6 +10,7 @@
     mistral download REPO_ID [--format consolidated|hf] [--dir DIR]
     mistral serve WEIGHTS [--port 8000] [--api-key KEY] [--served-model-name NAME] [--max-batch N]
     mistral bench [--preset small] [--device cpu] [--quick] [--json bench.json]
+    mistral quantize WEIGHTS --to int8|int4 [--group-size 32|128] --out DIR
 
 Errors from bad input end the command with one line on stderr and exit status 2.
 """
@@ -64,6 +65,7 @@ def add_logits(sub) -> None:
     p.add_argument("--incremental", action="store_true", help="feed the tokens one by one through the KV cache")
     p.add_argument("--kernels", default="torch", choices=["torch", "triton", "auto"])
     p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
+    add_quantize_flag(p)
     p.set_defaults(run=cmd_logits)
 
 
@@ -90,7 +92,7 @@ def cmd_logits(a) -> None:
         raise MistralError(f"--tokens: ids {bad} are outside the vocabulary [0, {vocab})")
     started = time.perf_counter()
     model = load_model(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels, prefer=a.format,
-                       max_seq_len=max(len(ids), 16))
+                       max_seq_len=max(len(ids), 16), quantize=a.quantize)
     logging.getLogger("mistral").info("load time: %.2f s", time.perf_counter() - started)
     tokens = torch.tensor([ids], device=a.device)
     with torch.inference_mode():
@@ -191,6 +193,7 @@ def add_inspect(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the checkpoint's own")
     p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
+    add_quantize_flag(p)
     p.set_defaults(run=cmd_inspect)
 
 
@@ -222,7 +225,8 @@ def cmd_inspect(a) -> None:
     bad = [i for i in ids if not 0 <= i < args.vocab_size]
     if bad:
         raise MistralError(f"--tokens: ids {bad[:5]} are outside the vocabulary [0, {args.vocab_size})")
-    model = load_model(a.weights, device=a.device, dtype=a.dtype, prefer=a.format, max_seq_len=max(len(ids), 16))
+    model = load_model(a.weights, device=a.device, dtype=a.dtype, prefer=a.format, max_seq_len=max(len(ids), 16),
+                       quantize=a.quantize)
     labels = token_labels(tokenizer, ids) if tokenizer else None
     t = trace(model, ids, labels, a.top_k)
     pieces = tokenizer.id_to_piece if tokenizer else str
@@ -244,6 +248,7 @@ def _add_model_flags(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run decode steps through torch.compile: 2-3.5x faster on the CPU, after a first step "
                         "that compiles (~10 s to a minute; needs a C++ compiler)")
+    add_quantize_flag(p)
 
 
 def _add_sampling_flags(p) -> None:
@@ -270,7 +275,7 @@ def _load(a, max_batch: int = 1):
 
     llm = Mistral.from_pretrained(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels,
                                   max_batch=max_batch, max_seq_len=a.max_seq_len, compile=a.compile,
-                                  quiet=not a.verbose)
+                                  quiet=not a.verbose, quantize=a.quantize)
     if a.compile:
         print("compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
         llm.warm_up(_sampling(a))
@@ -440,6 +445,7 @@ def add_serve(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run decode steps through torch.compile (the CPU fast path; the first step compiles)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's, one per core)")
+    add_quantize_flag(p)
     p.set_defaults(run=cmd_serve)
 
 
@@ -467,7 +473,8 @@ def cmd_serve(a) -> None:
         # independent of the others in the batch.
         llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, max_batch=a.max_batch,
                                       max_seq_len=a.max_seq_len, model_name=a.served_model_name,
-                                      fixed_batch_shape=True, max_waiting=a.max_queue, compile=a.compile)
+                                      fixed_batch_shape=True, max_waiting=a.max_queue, compile=a.compile,
+                                      quantize=a.quantize)
         if a.compile:
             print("mistral serve: compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
             llm.warm_up()
@@ -510,6 +517,38 @@ def cmd_bench(a) -> None:
     bench_main(a)
 
 
+# --- quantize (issue 19) ----------------------------------------------------------------------
+
+
+def add_quantize_flag(p) -> None:
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-128"],
+                   help="quantize the linear layers while loading: int8 per output channel, int4 in groups of 32 "
+                        "(int4-128: of 128) along the input; a `mistral quantize` checkpoint needs no flag")
+
+
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="write a weight-only quantized checkpoint (int8 or int4) that every command loads")
+    p.add_argument("weights", type=Path, help="a full-precision checkpoint folder (either format)")
+    p.add_argument("--to", required=True, choices=["int8", "int4"])
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="int4: weights per scale (default 32)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the scales and of the unquantized tensors (default: the checkpoint's own)")
+    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
+    p.add_argument("--out", required=True, type=Path, help="the folder to write")
+    p.set_defaults(run=cmd_quantize)
+
+
+def cmd_quantize(a) -> None:
+    from .quantize import Quantization, write_quantized
+
+    if a.to == "int8" and a.group_size != 32:
+        raise MistralError("--group-size is for int4; int8 has one scale per output channel")
+    q = Quantization("int4", a.group_size) if a.to == "int4" else Quantization("int8")
+    out = write_quantized(a.weights, a.out, q, dtype=a.dtype, prefer=a.format)
+    size = (out / "consolidated.safetensors").stat().st_size
+    print(f"wrote an {a.to} checkpoint ({size / 2**30:.2f} GiB) to {out}")
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -518,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_make_random, add_logits, add_tokenize, add_describe, add_inspect,
-                add_generate, add_chat, add_demo, add_download, add_serve, add_bench):
+                add_generate, add_chat, add_demo, add_download, add_serve, add_bench, add_quantize):
         add(sub)
     return parser
 

@@ -32,6 +32,7 @@ import torch
 from .args import ModelArgs
 from .errors import CheckpointError
 from .model import Ops, Transformer
+from .quantize import Quantization, QuantizedLoad
 
 log = logging.getLogger("mistral")
 
@@ -178,10 +179,14 @@ def load_model(
     max_seq_len: int = 32768,
     prefer: str | None = None,
     quiet: bool = False,
+    quantize: "str | Quantization | None" = None,
 ) -> Transformer:
     """Build the model described by `folder` and fill it with its weights.
 
-    device defaults to CPU; dtype defaults to the checkpoint's own dtype (bfloat16 for v0.3).
+    device defaults to CPU; dtype defaults to the checkpoint's own dtype (bfloat16 for v0.3), and
+    is the activations' dtype (and the scales') of a quantized model. quantize: "int8", "int4" or
+    "int4-128" quantizes the linear layers while loading, one tensor at a time (see quantize.py);
+    a quantized checkpoint (`mistral quantize`) is read as such.
     """
     ckpt = find_checkpoint(folder, prefer)
     args = ckpt.args()
@@ -190,7 +195,9 @@ def load_model(
 
     with torch.device("meta"):
         model = Transformer(args, max_seq_len=max_seq_len)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    # A quantized load swaps the linear layers (quantize.py) and says which tensors the file holds.
+    plan = QuantizedLoad.plan(ckpt, model, quantize)
+    expected = plan.file_shapes if plan is not None else {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
     state: dict[str, torch.Tensor] = {}
     seen_in: dict[str, Path] = {}
@@ -215,7 +222,9 @@ def load_model(
                         f"{path}: tensor {key!r} has shape {list(tensor.shape)}, but {ckpt.config_file.name} "
                         f"implies {list(expected[name])}"
                     )
-                if not tensor.is_floating_point():
+                if plan is not None:
+                    plan.check_dtype(path, key, name, tensor)
+                elif not tensor.is_floating_point():
                     raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
                 if not state:  # the first tensor tells the file's dtype: will the copies fit?
                     _check_memory(ckpt.folder, expected, tensor.dtype, dtype or tensor.dtype, device)
@@ -223,7 +232,11 @@ def load_model(
                     n = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
                     tensor = unpermute_from_hf(tensor, n)
                 # On CPU with the file's own dtype this is no copy: the parameter maps the file.
-                state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                tensor = tensor.to(device=device, dtype=(dtype or tensor.dtype) if tensor.is_floating_point() else None)
+                if plan is not None:
+                    state.update(plan.load(name, tensor))
+                else:
+                    state[name] = tensor
                 seen_in[name] = path
                 if bar is not None:
                     bar.update(1)
@@ -236,10 +249,10 @@ def load_model(
         shown = missing if ckpt.format == CONSOLIDATED else [mistral_to_hf_name(m) for m in missing]
         more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
         raise CheckpointError(f"{ckpt.folder}: missing tensor(s) {', '.join(shown[:5])}{more} in {files}")
-    dtypes = {t.dtype for t in state.values()}
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) > 1:  # mixed dtypes in the file and no dtype asked for: use the widest
         widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
-        state = {k: v.to(widest) for k, v in state.items()}
+        state = {k: v.to(widest) if v.is_floating_point() else v for k, v in state.items()}
 
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
