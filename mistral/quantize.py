@@ -121,6 +121,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_triton(x):
+            from kernels.quant_matmul import int8_matmul
+
+            out = int8_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales)
+            return out.view(*x.shape[:-1], self.out_features)
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
             # PyTorch's packed int8 mat-mul: reads the int8 weights as they are (an eager
             # dequantize would write and read a full-precision copy at every call).
@@ -143,6 +148,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, in_features // group_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_triton(x):
+            from kernels.quant_matmul import int4_matmul
+
+            out = int4_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales, self.group_size)
+            return out.view(*x.shape[:-1], self.out_features)
         if not torch.compiler.is_compiling():
             return F.linear(x, dequantize(self, x.dtype))
         # y[n] = Σ_g scales[n, g] Σ_{k in g} x[k] (nibble[n, k] - 8), as one reduction over the
@@ -158,6 +168,12 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """On CUDA a few rows (decode) go to the Triton mat-vec kernels; more (prefill) dequantize the
+    matrix and use a GEMM, which re-reads the weights less than a kernel per row would."""
+    return x.device.type == "cuda" and x.numel() <= 16 * x.shape[-1]
 
 
 def _reduce(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
