@@ -155,15 +155,16 @@ class Int4Linear(nn.Module):
             return out.view(*x.shape[:-1], self.out_features)
         if not torch.compiler.is_compiling():
             return F.linear(x, dequantize(self, x.dtype))
-        # y[n] = Σ_g scales[n, g] Σ_{k in g} x[k] (nibble[n, k] - 8), as one reduction over the
-        # bytes: the even inputs meet the low nibbles, the odd ones the high nibbles. Inductor
-        # unpacks each byte inside the loop that reads it; nothing the size of W is ever stored.
-        N, G, g = self.out_features, self.scales.shape[1], self.group_size
-        xg = x.reshape(-1, 1, G, g // 2, 2)  # [M, 1, G, g/2, 2]
-        w = self.weight.view(N, G, g // 2)  # [N, G, g/2] bytes
-        low, high = (w & 0xF).to(x.dtype) - 8, (w >> 4).to(x.dtype) - 8
-        part = xg[..., 0] * low + xg[..., 1] * high  # [M, N, G, g/2]
-        out = (part * self.scales.to(x.dtype)[..., None]).sum((-2, -1))  # [M, N]
+        # y[n] = Σ_j (x[2j] (low[n, j] - 8) + x[2j+1] (high[n, j] - 8)) · scales[n, 2j // group], one
+        # reduction over the bytes, with the scale of each byte an expanded view: inductor unpacks
+        # each byte inside the loop that reads it, and stores nothing the size of W. (Written as a
+        # sum over groups, or with the nibbles stacked, inductor stores the unpacked weights first.)
+        N, K, G = self.out_features, self.in_features, self.scales.shape[1]
+        xe = x[..., 0::2].reshape(-1, 1, K // 2)  # [M, 1, K/2] the inputs of the low nibbles
+        xo = x[..., 1::2].reshape(-1, 1, K // 2)  # [M, 1, K/2] of the high nibbles
+        low, high = (self.weight & 0xF).to(x.dtype) - 8, (self.weight >> 4).to(x.dtype) - 8  # [N, K/2]
+        scales = self.scales.to(x.dtype)[:, :, None].expand(N, G, self.group_size // 2).reshape(N, K // 2)
+        out = ((xe * low + xo * high) * scales).sum(-1)  # [M, N]
         return out.view(*x.shape[:-1], N)
 
     def extra_repr(self) -> str:

@@ -75,6 +75,23 @@ def test_compiled_layer_equals_dequantize_then_linear(q):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("q", METHODS[:2], ids=IDS[:2])
+def test_compiled_layer_stores_no_dequantized_matrix(q):
+    """The point of the compiled form: each weight is converted inside the reduction that reads it.
+    With the engine's options (realize_opcount_threshold=0: every intermediate stored), no buffer
+    as large as a quarter of W may be allocated."""
+    import re
+    from math import prod
+
+    from torch._inductor.utils import run_and_get_code
+
+    m, _ = quantized_linear(q, 256, 64)
+    compiled = torch.compile(m, fullgraph=True, options={"realize_opcount_threshold": 0})
+    _, code = run_and_get_code(compiled, torch.randn(1, 1, 256))
+    shapes = [tuple(int(d) for d in re.findall(r"\d+", dims)) for dims in re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", code[0])]
+    assert shapes and max(prod(s) for s in shapes) < 256 * 64 // 4, shapes
+
+
 def test_module_swap_covers_every_linear_layer_and_not_the_embedding(tmp_path):
     folder = make_random(tmp_path / "m", ARGS, "consolidated", "float32", seed=1, tokenizer=False)
     model = load_model(folder, quantize="int4")
