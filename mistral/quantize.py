@@ -8,9 +8,11 @@ than triples the saving. Activations stay in the model's dtype; only the matrice
     int4   W[n, k] ≈ (nibble[n, k] - 8) · scales[n, k // group]      nibble in [0, 15]; two a byte,
                                                                      weight[n, j] = nibble[n, 2j] | nibble[n, 2j+1] << 4
 
-Both are symmetric (no zero point): scales = max |W| over the channel or group / 127 (or / 7),
-computed in fp32 from the checkpoint's values, then rounded to the model's dtype, and the integers
-are rounded against that rounded scale, so `dequantize` gives back exactly what the layer computes with.
+Both are symmetric (no zero point). int8: scales = max |W| of the channel / 127. int4: scales =
+-(the group's value of largest magnitude) / 8, so that value is -8 exactly and all 16 levels are
+used (llama.cpp's q4_0 does the same). Scales are computed in fp32 from the checkpoint's values,
+rounded to the model's dtype, and the integers are rounded against that rounded scale, so
+`dequantize` gives back exactly what the layer computes with.
 
 Applied from outside the reference model, by a module swap (`quantize_model`): every `Linear`
 (the attention and feed-forward projections, and the output head) becomes an `Int8Linear` or
@@ -87,7 +89,10 @@ def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) ->
     """w [N, K] float -> (weight [N, K/2] uint8, two nibbles a byte; scales [N, K/group_size])."""
     N, K = w.shape
     wg = w.float().view(N, K // group_size, group_size)
-    scales = (wg.abs().amax(dim=2) / 7).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
+    # The value of largest magnitude becomes -8 exactly: all 16 levels are used (as llama.cpp's q4_0).
+    extreme = wg.gather(2, wg.abs().argmax(dim=2, keepdim=True))[..., 0]  # [N, K/group], signed
+    tiny = torch.finfo(torch.float32).tiny
+    scales = torch.where(extreme.abs() < tiny, tiny, extreme / -8).to(scale_dtype)
     nibbles = (torch.round(wg / scales.float()[..., None]).clamp(-8, 7) + 8).to(torch.uint8).view(N, K)
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scales
 
