@@ -90,12 +90,12 @@ def ensure_ggufs(cache: Path, size: str, hf: Path, bin_dir: Path, src: Path) -> 
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outtype", gtype,
-                            "--outfile", str(path)], check=True, env=env, stdout=subprocess.DEVNULL)
+                            "--outfile", str(path)], check=True, env=env, capture_output=True)
     for gtype in ("q8_0", "q4_0"):
         path = out[gtype] = cache / "gguf" / f"{size}-{gtype}.gguf"
         if not path.exists():
             subprocess.run([str(bin_dir / "llama-quantize"), "--pure", str(out["f32"]), str(path), gtype.upper()],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           check=True, capture_output=True)
     return out
 
 
