@@ -1,6 +1,7 @@
 """Benchmark: ours against llama.cpp on this CPU, on the same random weights, per precision.
 
     python scripts/bench_llamacpp.py [--size 0.5b] [--rounds 3] [--threads 2] [--cache ~/.cache/mistral-llamacpp]
+    python scripts/bench_llamacpp.py --quality      (only each quantization's error against fp32)
 
 1. llama.cpp: built once into --cache from the source that the `llama-cpp-python` sdist on PyPI
    vendors (`pip download --no-deps --no-binary :all: llama-cpp-python`, then cmake: llama-bench,
@@ -157,6 +158,22 @@ def our_prefill(model, tokens: torch.Tensor) -> float:
         return tokens.shape[1] / (time.perf_counter() - start)
 
 
+def quality(folder: Path, positions: int = 256) -> None:
+    """Each quantization against fp32 over `positions` random tokens: max |Δlogit| / max |logit|,
+    top-1 agreement, mean KL(fp32 ‖ quantized) (activations fp32)."""
+    import torch.nn.functional as F
+
+    tokens = torch.randint(0, preset("small").vocab_size, (1, positions), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = load_model(folder, dtype="float32", max_seq_len=positions, quiet=True)(tokens)[0]
+        for spec in ("int8", "int4", "int4-128"):
+            out = load_model(folder, dtype="float32", quantize=spec, max_seq_len=positions, quiet=True)(tokens)[0]
+            rel = ((out - ref).abs().max() / ref.abs().max()).item()
+            top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            kl = F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+            print(f"| {spec} vs fp32 | {rel:.3f} | {100 * top1:.1f}% | {kl.item():.1e} |", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mistral-llamacpp")
@@ -167,11 +184,15 @@ def main() -> int:
     p.add_argument("--quant-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--quality", action="store_true", help="only the error of each quantization against fp32")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_name()}, torch {torch.__version__}, "
           f"{a.threads} threads; load average {os.getloadavg()}", flush=True)
 
+    if a.quality:
+        quality(ensure_checkpoints(a.cache, a.size)[0])
+        return 0
     bin_dir, src = ensure_llamacpp(a.cache)
     ours_folder, hf_folder = ensure_checkpoints(a.cache, a.size)
     ggufs = ensure_ggufs(a.cache, a.size, hf_folder, bin_dir, src)
