@@ -163,9 +163,10 @@ def quality(folder: Path, positions: int = 256) -> None:
     top-1 agreement, mean KL(fp32 ‖ quantized) (activations fp32)."""
     import torch.nn.functional as F
 
-    tokens = torch.randint(0, preset("small").vocab_size, (1, positions), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ref = load_model(folder, dtype="float32", max_seq_len=positions, quiet=True)(tokens)[0]
+        ref_model = load_model(folder, dtype="float32", max_seq_len=positions, quiet=True)
+        tokens = torch.randint(0, ref_model.args.vocab_size, (1, positions), generator=torch.Generator().manual_seed(0))
+        ref = ref_model(tokens)[0]
         for spec in ("int8", "int4", "int4-128"):
             out = load_model(folder, dtype="float32", quantize=spec, max_seq_len=positions, quiet=True)(tokens)[0]
             rel = ((out - ref).abs().max() / ref.abs().max()).item()
