@@ -214,7 +214,7 @@ def main() -> int:
     status = 0
     if "fp32" in engines:  # same weights, same answer
         _, ours = our_decode(engines["fp32"], prompt, 32)
-        theirs = llama_greedy_text(bin_dir, ggufs["f32"], 32).strip()
+        theirs = llama_greedy_text(bin_dir, ggufs["f32"], 32).strip().removeprefix("<s>").strip()  # it prints BOS
         mine = tokenizer.decode(prompt + ours).strip()
         same = mine == theirs
         print(f"greedy 32 tokens, fp32: llama.cpp's text {'equals' if same else 'DIFFERS FROM'} ours", flush=True)
