@@ -109,8 +109,12 @@ def gguf_step_bytes(path: Path, src: Path) -> int:
 
 
 def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int) -> float:
+    """Tokens/s, or NaN when llama-bench fails (said on stdout: the other figures still count)."""
     res = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
-                          "-n", str(gen), "-r", "1", "-o", "json"], check=True, capture_output=True, text=True)
+                          "-n", str(gen), "-r", "1", "-o", "json"], capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"  llama-bench {gguf.name} -p {prompt} -n {gen} failed (exit status {res.returncode})", flush=True)
+        return float("nan")
     return float(json.loads(res.stdout)[0]["avg_ts"])
 
 
@@ -237,7 +241,9 @@ def main() -> int:
             }
             for (phase, who), run in figures.items():
                 key = (label, phase, who)
-                best[key] = max(best.get(key, 0.0), run())
+                rate = run()
+                print(f"  {label} {phase} {who}: {rate:.1f} tok/s", flush=True)
+                best[key] = max(best.get(key, 0.0), rate) if rate == rate else best.get(key, float("nan"))
 
     print(f"\nmat-vec bandwidth (fastest fp32/bf16 way here): {bandwidth / 1e9:.1f} GB/s; "
           f"load average at the end {os.getloadavg()}\n")
