@@ -51,7 +51,7 @@ def test_quantization_error_is_within_half_a_step(q):
 
 
 @pytest.mark.parametrize("q", METHODS, ids=IDS)
-@pytest.mark.parametrize("rows", [1, 3, 7])
+@pytest.mark.parametrize("rows", [1, 3, 7, 20])  # 20: past the packed int8 mat-mul, a prefill
 def test_eager_layer_equals_dequantize_then_linear(q, rows):
     m, _ = quantized_linear(q, 256, 48)
     x = torch.randn(1, rows, 256)
