@@ -6,6 +6,7 @@
     swiglu.py             silu_mul (SwiGLU's elementwise gate)
     decode_attention.py   one new token per row: GQA-packed, split-KV, per-row lengths
     prefill_attention.py  many new tokens per row: causal, GQA, flash-style, optional sliding window
+    quant_matmul.py       int8 / int4 weight-only matmul for a few rows (mistral/quantize.py uses it on CUDA)
 
     compile_check.py      compiles all of them for a GPU architecture on a machine without a GPU
 

@@ -30,9 +30,9 @@ from triton.runtime import driver  # noqa: E402
 
 from mistral.args import preset  # noqa: E402
 
-from . import _common, decode_attention, prefill_attention, rmsnorm, rope, swiglu  # noqa: E402
+from . import _common, decode_attention, prefill_attention, quant_matmul, rmsnorm, rope, swiglu  # noqa: E402
 
-MODULES = (rmsnorm, rope, swiglu, decode_attention, prefill_attention)
+MODULES = (rmsnorm, rope, swiglu, decode_attention, prefill_attention, quant_matmul)
 SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block
 
 
@@ -85,6 +85,13 @@ def _cases(args, dtype: torch.dtype):
     yield "apply_rotary_emb_to_cache", lambda: rope.apply_rotary_emb_to_cache(
         t(1, 7, H, D), t(1, 7, Hkv, D), t(1, 7, Hkv, D), freqs, freqs, cache, cache, pos)
     yield "silu_mul", lambda: swiglu.silu_mul(t(1, 7, args.hidden_dim), t(1, 7, args.hidden_dim))
+    for M in (1, quant_matmul.MAX_ROWS):  # the projections' shapes; the output head's is one more [V, dim]
+        for K, N in ((dim, args.hidden_dim), (args.hidden_dim, dim)):
+            yield f"int8_matmul M={M} K={K} N={N}", lambda M=M, K=K, N=N: quant_matmul.int8_matmul(
+                t(M, K), t(N, K, dt=torch.int8), t(N))
+            for group in (32, 128):
+                yield f"int4_matmul M={M} K={K} N={N} group={group}", lambda M=M, K=K, N=N, g=group: (
+                    quant_matmul.int4_matmul(t(M, K), t(N, K // 2, dt=torch.uint8), t(N, K // g), g))
     for window in (None, 4096):
         for splits in (1, 16):
             yield f"decode_attention splits={splits} window={window}", lambda s=splits, w=window: (

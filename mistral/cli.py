@@ -10,6 +10,7 @@
     mistral download REPO_ID [--format consolidated|hf] [--dir DIR]
     mistral serve WEIGHTS [--port 8000] [--api-key KEY] [--served-model-name NAME] [--max-batch N]
     mistral bench [--preset small] [--device cpu] [--quick] [--json bench.json]
+    mistral quantize WEIGHTS --to int8|int4 [--group-size 32|128] --out DIR
 
 Every command that loads weights takes the same model flags (add_model_flags): WEIGHTS (a folder or
 a Hub repo id), --format, --device, --dtype, --kernels. Errors from bad input end the command with
@@ -69,6 +70,7 @@ def add_model_flags(p, *, device: str | None = None, dtype: str | None = None, k
                         + ("" if dtype else " (default: bfloat16 on CUDA, the checkpoint's own on the CPU)"))
     p.add_argument("--kernels", default=kernels, choices=["torch", "triton", "auto"],
                    help="torch: the PyTorch ops; triton: the Triton kernels (CUDA); auto: triton on CUDA, else torch")
+    add_quantize_flag(p)
 
 
 def add_engine_flags(p) -> None:
@@ -141,7 +143,7 @@ def cmd_logits(a) -> None:
         raise MistralError(f"--tokens: ids {bad} are outside the vocabulary [0, {vocab})")
     started = time.perf_counter()
     model = load_model(checkpoint.folder, device=device, dtype=a.dtype, kernels=a.kernels, prefer=a.format,
-                       max_seq_len=max(len(ids), 16))
+                       max_seq_len=max(len(ids), 16), quantize=a.quantize)
     logging.getLogger("mistral").info("load time: %.2f s", time.perf_counter() - started)
     tokens = torch.tensor([ids], device=device)
     with torch.inference_mode():
@@ -271,7 +273,7 @@ def cmd_inspect(a) -> None:
     if bad:
         raise MistralError(f"--tokens: ids {bad[:5]} are outside the vocabulary [0, {args.vocab_size})")
     model = load_model(folder, device=device, dtype=a.dtype, kernels=a.kernels, prefer=a.format,
-                       max_seq_len=max(len(ids), 16))
+                       max_seq_len=max(len(ids), 16), quantize=a.quantize)
     labels = token_labels(tokenizer, ids) if tokenizer else None
     t = trace(model, ids, labels, a.top_k)
     pieces = tokenizer.id_to_piece if tokenizer else str
@@ -314,7 +316,7 @@ def _load(a, max_batch: int = 1):
     from .generate import Mistral
 
     llm = Mistral.from_pretrained(a.weights, device=a.device, dtype=a.dtype, kernels=a.kernels, format=a.format,
-                                  max_batch=max_batch, max_seq_len=a.max_seq_len, compile=a.compile)
+                                  quantize=a.quantize, max_batch=max_batch, max_seq_len=a.max_seq_len, compile=a.compile)
     if a.compile:
         print("compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
         llm.warm_up(_sampling(a))
@@ -528,8 +530,8 @@ def cmd_serve(a) -> None:
     def load() -> Mistral:
         # A fixed decode shape (all rows, the whole cache) makes each request's greedy output
         # independent of the others in the batch.
-        llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, format=a.format, max_batch=a.max_batch,
-                                      max_seq_len=a.max_seq_len, model_name=a.served_model_name,
+        llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, format=a.format, quantize=a.quantize,
+                                      max_batch=a.max_batch, max_seq_len=a.max_seq_len, model_name=a.served_model_name,
                                       fixed_batch_shape=True, max_waiting=a.max_queue, compile=a.compile)
         if a.compile:
             print("mistral serve: compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
@@ -606,6 +608,38 @@ def cmd_bench(a) -> None:
     bench_main(a)
 
 
+# --- quantize (issue 19) ----------------------------------------------------------------------
+
+
+def add_quantize_flag(p) -> None:
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-128"],
+                   help="quantize the linear layers while loading: int8 per output channel, int4 in groups of 32 "
+                        "(int4-128: of 128) along the input; a `mistral quantize` checkpoint needs no flag")
+
+
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="write a weight-only quantized checkpoint (int8 or int4) that every command loads")
+    p.add_argument("weights", type=Path, help="a full-precision checkpoint folder (either format)")
+    p.add_argument("--to", required=True, choices=["int8", "int4"])
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="int4: weights per scale (default 32)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the scales and of the unquantized tensors (default: the checkpoint's own)")
+    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
+    p.add_argument("--out", required=True, type=Path, help="the folder to write")
+    p.set_defaults(run=cmd_quantize)
+
+
+def cmd_quantize(a) -> None:
+    from .quantize import Quantization, write_quantized
+
+    if a.to == "int8" and a.group_size != 32:
+        raise MistralError("--group-size is for int4; int8 has one scale per output channel")
+    q = Quantization("int4", a.group_size) if a.to == "int4" else Quantization("int8")
+    out = write_quantized(a.weights, a.out, q, dtype=a.dtype, prefer=a.format)
+    size = (out / "consolidated.safetensors").stat().st_size
+    print(f"wrote an {a.to} checkpoint ({size / 2**30:.2f} GiB) to {out}")
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -616,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_make_random, add_logits, add_tokenize, add_describe, add_inspect,
-                add_generate, add_chat, add_demo, add_download, add_serve, add_bench):
+                add_generate, add_chat, add_demo, add_download, add_serve, add_bench, add_quantize):
         add(sub)
     for p in sub.choices.values():
         p.formatter_class = HelpFormatter

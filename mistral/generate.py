@@ -81,6 +81,7 @@ class Mistral:
         token: str | None = None,
         revision: str | None = None,
         quiet: bool = False,
+        quantize: str | None = None,
     ) -> "Mistral":
         """Load a local weights folder, or download a Hub repo (one format only) and load it.
 
@@ -89,7 +90,8 @@ class Mistral:
         32768; 8192 x 8 rows of cache take 8 GiB in bf16). cuda_graphs: replay each decode step
         from a CUDA graph; default on for CUDA with the Triton kernels. compile: run each decode step through
         torch.compile, the fast path on the CPU (2-3.5x; the first step compiles, ~10 s to a minute).
-        token: default the HF_TOKEN variable.
+        token: default the HF_TOKEN variable. quantize: "int8", "int4" or "int4-128" quantizes the
+        linear layers while loading, tensor by tensor (see quantize.py); dtype is then the activations'.
         """
         from .devices import resolve_device
         from .hub import resolve_weights
@@ -100,7 +102,7 @@ class Mistral:
         if dtype is None and device.type == "cuda":
             dtype = "bfloat16"
         model = load_model(folder, device=device, dtype=dtype, kernels=kernels, prefer=format,
-                           max_seq_len=max(max_seq_len, 1), quiet=quiet)
+                           max_seq_len=max(max_seq_len, 1), quiet=quiet, quantize=quantize)
         tokenizer = Tokenizer.from_path(folder)
         name = model_name or (str(path_or_repo_id) if not Path(path_or_repo_id).exists() else Path(folder).name)
         return cls(model, tokenizer, model_name=name, max_batch=max_batch, max_seq_len=max_seq_len,

@@ -33,6 +33,7 @@ from .devices import resolve_device
 from .errors import CheckpointError
 from .model import Ops, Transformer
 from .progress import progress
+from .quantize import Quantization, QuantizedLoad
 
 log = logging.getLogger("mistral")
 
@@ -176,11 +177,15 @@ def load_model(
     max_seq_len: int = 32768,
     prefer: str | None = None,
     quiet: bool = False,
+    quantize: "str | Quantization | None" = None,
     shard=None,
 ) -> Transformer:
     """Build the model described by `folder` and fill it with its weights.
 
-    device defaults to CPU; dtype defaults to the checkpoint's own dtype (bfloat16 for v0.3).
+    device defaults to CPU; dtype defaults to the checkpoint's own dtype (bfloat16 for v0.3), and
+    is the activations' dtype (and the scales') of a quantized model. quantize: "int8", "int4" or
+    "int4-128" quantizes the linear layers while loading, one tensor at a time (see quantize.py);
+    a quantized checkpoint (`mistral quantize`) is read as such.
     shard: a `tp.Shard`, to build and read only one rank's part of a tensor-parallel model. Under
     torchrun with more than one process, every rank loads its part (see tp.load_model).
     """
@@ -188,6 +193,8 @@ def load_model(
         from . import tp
 
         if tp.launched():
+            if quantize is not None:
+                raise CheckpointError("quantized weights (--quantize) under tensor parallelism are not supported yet")
             return tp.load_model(folder, torch.device(device if device is not None else "cpu"), dtype=dtype,
                                  kernels=kernels, max_seq_len=max_seq_len, prefer=prefer, quiet=quiet)
     ckpt = find_checkpoint(folder, prefer)
@@ -201,7 +208,9 @@ def load_model(
         full = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     if shard is not None:
         shard.apply(model)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    # A quantized load swaps the linear layers (quantize.py) and says which tensors the file holds.
+    plan = QuantizedLoad.plan(ckpt, model, quantize)
+    expected = plan.file_shapes if plan is not None else {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
     state: dict[str, torch.Tensor] = {}
     seen_in: dict[str, Path] = {}
@@ -228,7 +237,10 @@ def load_model(
                         f"{path}: tensor {key!r} has shape {list(tensor.shape)}, but {ckpt.config_file.name} "
                         f"implies {list(expected[name])}"
                     )
-                if tensor.dtype not in _DTYPES.values():  # float8 and integers: the model computes in neither
+                if plan is not None:  # the quantized format's integer tensors where it has them, floats elsewhere
+                    plan.check_dtype(path, key, name, tensor)
+                if tensor.dtype not in _DTYPES.values() and (plan is None or tensor.is_floating_point()):
+                    # float8, or integers outside a quantized checkpoint: the model computes in neither
                     raise CheckpointError(f"{path}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
                                           "this loader reads float32, bfloat16 and float16 checkpoints")
                 if not state:  # the first tensor tells the file's dtype: will the copies fit?
@@ -237,8 +249,14 @@ def load_model(
                     n = model.args.n_heads if name.endswith("wq.weight") else model.args.n_kv_heads
                     tensor = unpermute_from_hf(tensor, n)
                 # On CPU with the file's own dtype this is no copy: the parameter maps the file.
-                state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-                _check_finite(path, key, tensor.dtype, state[name])
+                file_dtype = tensor.dtype
+                tensor = tensor.to(device=device, dtype=(dtype or tensor.dtype) if tensor.is_floating_point() else None)
+                if tensor.is_floating_point():
+                    _check_finite(path, key, file_dtype, tensor)
+                if plan is not None:
+                    state.update(plan.load(name, tensor))
+                else:
+                    state[name] = tensor
                 seen_in[name] = path
                 bar.update(1)
     if bar is not None:
@@ -250,10 +268,10 @@ def load_model(
         shown = missing if ckpt.format == CONSOLIDATED else [mistral_to_hf_name(m) for m in missing]
         more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
         raise CheckpointError(f"{ckpt.folder}: missing tensor(s) {', '.join(shown[:5])}{more} in {files}")
-    dtypes = {t.dtype for t in state.values()}
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) > 1:  # mixed dtypes in the file and no dtype asked for: use the widest
         widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
-        state = {k: v.to(widest) for k, v in state.items()}
+        state = {k: v.to(widest) if v.is_floating_point() else v for k, v in state.items()}
 
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)

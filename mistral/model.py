@@ -377,7 +377,7 @@ class Transformer(nn.Module):
         )
 
     def new_cache(self, max_batch: int, max_seq_len: int | None = None) -> KVCache:
-        weight = self.output.weight
+        weight = self.tok_embeddings.weight  # in the activations' dtype, even with quantized linear layers
         return KVCache.allocate(self.args, max_batch, max_seq_len or self.max_seq_len, weight.device, weight.dtype)
 
     def forward(

@@ -196,3 +196,13 @@ def test_warm_up_decodes_at_each_batch_size_that_compiles_apart(weights):
         llm.stop()
     fixed = Engine(llm.model, max_batch=6, max_seq_len=SEQ, fixed_batch_shape=True)
     assert fixed.warm_up_batches() == [6] and Engine(llm.model, max_batch=9).warm_up_batches() == [1, 2, 5]
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_compiled_quantized_decode_equals_eager(weights, quantize):
+    """The quantized layers' compiled form (a reduction over the integer weights) against their
+    eager one (PyTorch's packed int8 mat-mul; int4 dequantized then F.linear), in the engine."""
+    model = load_model(weights, dtype=torch.float32, max_seq_len=SEQ, quiet=True, quantize=quantize)
+    eager, compiled, _, _ = decode_both_ways(model, [[1, 3, 100, 200], [1, 7]])
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))

@@ -1,0 +1,327 @@
+"""Weight-only quantization of the model's linear layers: int8 per output channel, int4 in groups.
+
+A decode step reads every weight once, so its speed is the weights' bytes over the memory
+bandwidth; int8 halves the bytes of bf16, int4 (4.5 bits a weight with bf16 scales per 32) more
+than triples the saving. Activations stay in the model's dtype; only the matrices change.
+
+    int8   W[n, k] ≈ weight[n, k] · scales[n]                       weight int8 in [-127, 127]
+    int4   W[n, k] ≈ (nibble[n, k] - 8) · scales[n, k // group]      nibble in [0, 15]; two a byte,
+                                                                     weight[n, j] = nibble[n, 2j] | nibble[n, 2j+1] << 4
+
+Both are symmetric (no zero point). int8: scales = max |W| of the channel / 127. int4: scales =
+-(the group's value of largest magnitude) / 8, so that value is -8 exactly and all 16 levels are
+used (llama.cpp's q4_0 does the same). Scales are computed in fp32 from the checkpoint's values,
+rounded to the model's dtype, and the integers are rounded against that rounded scale, so
+`dequantize` gives back exactly what the layer computes with.
+
+Applied from outside the reference model, by a module swap (`quantize_model`): every `Linear`
+(the attention and feed-forward projections, and the output head) becomes an `Int8Linear` or
+`Int4Linear`. The embedding table stays in the model's dtype: a step reads one row of it, so
+quantizing it would save memory but no time. The checkpoint format is in weights/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError
+from .model import Linear
+
+CONFIG_FILE = "quantization.json"
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What a quantized checkpoint (or a `--quantize` load) does to the linear layers."""
+
+    method: str  # "int8" | "int4"
+    group_size: int | None = None  # int4: weights per scale along the input dimension
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "int4" and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+        if self.method == "int8" and self.group_size is not None:
+            raise ValueError("int8 is per output channel: it takes no group_size")
+
+    @classmethod
+    def parse(cls, spec: "str | Quantization | None") -> "Quantization | None":
+        """"int8", "int4" (groups of 32) or "int4-<group size>"; None stays None."""
+        if spec is None or isinstance(spec, Quantization):
+            return spec
+        method, _, group = str(spec).partition("-")
+        if method == "int8" and not group:
+            return cls("int8")
+        if method == "int4" and (not group or group.isdigit()):
+            return cls("int4", int(group) if group else 32)
+        raise ValueError(f"unknown quantization {spec!r}; use int8, int4 or int4-<group size> (e.g. int4-128)")
+
+    def module(self, in_features: int, out_features: int) -> nn.Module:
+        if self.method == "int8":
+            return Int8Linear(in_features, out_features)
+        return Int4Linear(in_features, out_features, self.group_size)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, **({"group_size": self.group_size} if self.group_size else {})}
+
+
+# --- the arithmetic ------------------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (weight [N, K] int8, scales [N] in scale_dtype)."""
+    wf = w.float()
+    scales = (wf.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
+    q = torch.round(wf / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (weight [N, K/2] uint8, two nibbles a byte; scales [N, K/group_size])."""
+    N, K = w.shape
+    wg = w.float().view(N, K // group_size, group_size)
+    # The value of largest magnitude becomes -8 exactly: all 16 levels are used (as llama.cpp's q4_0).
+    extreme = wg.gather(2, wg.abs().argmax(dim=2, keepdim=True))[..., 0]  # [N, K/group], signed
+    tiny = torch.finfo(torch.float32).tiny
+    scales = torch.where(extreme.abs() < tiny, tiny, extreme / -8).to(scale_dtype)
+    nibbles = (torch.round(wg / scales.float()[..., None]).clamp(-8, 7) + 8).to(torch.uint8).view(N, K)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scales
+
+
+def unpack_int4(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] uint8 -> [N, K] int8 in [-8, 7]."""
+    low, high = weight & 0xF, weight >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2).to(torch.int8) - 8
+
+
+def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The [N, K] matrix an Int8Linear / Int4Linear multiplies by, in `dtype` (default its scales')."""
+    dtype = dtype or module.scales.dtype
+    if isinstance(module, Int8Linear):
+        return module.weight.to(dtype) * module.scales.to(dtype)[:, None]
+    q = unpack_int4(module.weight).to(dtype)  # [N, K]
+    N, K = q.shape
+    return (q.view(N, -1, module.group_size) * module.scales.to(dtype)[..., None]).view(N, K)
+
+
+# --- the modules ---------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ with W = weight · scales[:, None]: int8 weights, one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_triton(x):
+            from kernels.quant_matmul import int8_matmul
+
+            out = int8_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales)
+            return out.view(*x.shape[:-1], self.out_features)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and x.numel() > 16 * self.in_features:
+            # A prefill: PyTorch's int8 mat-mul ran a 512-token 0.5B prefill at 4 tok/s (vs 292 in
+            # bf16, same run); one transient full-precision matrix and a GEMM do better.
+            return F.linear(x, dequantize(self, x.dtype))
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # A few rows: PyTorch's packed int8 mat-mul reads the int8 weights as they are (an
+            # eager dequantize would write and read a full-precision copy at every call).
+            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
+            return out.view(*x.shape[:-1], self.out_features)
+        # Under torch.compile, written as the reduction it is, so that inductor converts each int8
+        # weight inside the loop that reads it: the weights are read once, as int8.
+        return _reduce(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x Wᵀ with W[n, k] = (nibble[n, k] - 8) · scales[n, k // group_size]."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"int4 groups of {group_size} do not divide the input dimension {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, in_features // group_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_triton(x):
+            from kernels.quant_matmul import int4_matmul
+
+            out = int4_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales, self.group_size)
+            return out.view(*x.shape[:-1], self.out_features)
+        if not torch.compiler.is_compiling():
+            return F.linear(x, dequantize(self, x.dtype))
+        # y[n] = Σ_j (x[2j] (low[n, j] - 8) + x[2j+1] (high[n, j] - 8)) · scales[n, 2j // group], one
+        # reduction over the bytes, with the scale of each byte an expanded view: inductor unpacks
+        # each byte inside the loop that reads it, and stores nothing the size of W. (Written as a
+        # sum over groups, or with the nibbles stacked, inductor stores the unpacked weights first.)
+        N, K, G = self.out_features, self.in_features, self.scales.shape[1]
+        xe = x[..., 0::2].reshape(-1, 1, K // 2)  # [M, 1, K/2] the inputs of the low nibbles
+        xo = x[..., 1::2].reshape(-1, 1, K // 2)  # [M, 1, K/2] of the high nibbles
+        low, high = (self.weight & 0xF).to(x.dtype) - 8, (self.weight >> 4).to(x.dtype) - 8  # [N, K/2]
+        scales = self.scales.to(x.dtype)[:, :, None].expand(N, G, self.group_size // 2).reshape(N, K // 2)
+        out = ((xe * low + xo * high) * scales).sum(-1)  # [M, N]
+        return out.view(*x.shape[:-1], N)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """On CUDA a few rows (decode) go to the Triton mat-vec kernels; more (prefill) dequantize the
+    matrix and use a GEMM, which re-reads the weights less than a kernel per row would."""
+    return x.device.type == "cuda" and x.numel() <= 16 * x.shape[-1]
+
+
+def _reduce(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [.., K] @ w [N, K]ᵀ as a broadcast product and a sum, which inductor compiles into one
+    vectorised reduction loop with w's producer (a dtype conversion) fused in."""
+    out = (x.reshape(-1, 1, x.shape[-1]) * w).sum(-1)  # [M, N]
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+# --- the module swap -----------------------------------------------------------------------------
+
+
+def quantize_model(model: nn.Module, quantization: Quantization) -> nn.Module:
+    """Replace every `Linear` of `model` by its quantized counterpart, in place.
+
+    A model on the meta device gets empty quantized modules (the loader then assigns the file's
+    tensors); a model with weights gets them quantized, one matrix at a time, each full-precision
+    matrix freed as soon as its module is replaced."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not Linear:
+                continue
+            q = quantization.module(child.in_features, child.out_features)
+            w = child.weight
+            if w.is_meta:
+                q = q.to("meta")
+            else:
+                q.weight, q.scales = quantize_tensor(w.detach(), quantization, w.dtype)
+            setattr(parent, name, q)
+    return model
+
+
+def quantize_tensor(w: torch.Tensor, quantization: Quantization, scale_dtype: torch.dtype):
+    """(weight, scales) of one [N, K] matrix, on w's device."""
+    if quantization.method == "int8":
+        return quantize_int8(w, scale_dtype)
+    return quantize_int4(w, quantization.group_size, scale_dtype)
+
+
+def is_quantized_name(name: str) -> bool:
+    """Names of the tensors `quantize_model` turns into a (weight, scales) pair."""
+    return name == "output.weight" or (name.startswith("layers.") and (".attention.w" in name or ".feed_forward.w" in name))
+
+
+# --- quantized checkpoints -----------------------------------------------------------------------
+
+
+def read_quantization(folder: Path) -> Quantization | None:
+    """The `quantization.json` of a checkpoint folder, or None for a full-precision one."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return Quantization(raw["method"], raw.get("group_size"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{path}: expected an object with a \"method\" (int8 or int4)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+class QuantizedLoad:
+    """The loader's hook (see `load_model`): a quantized checkpoint read as it is, or a
+    full-precision one quantized tensor by tensor as it is read."""
+
+    def __init__(self, quantization: Quantization, stored: bool, file_shapes: dict[str, tuple[int, ...]],
+                 file_dtypes: dict[str, torch.dtype]):
+        self.quantization, self.stored = quantization, stored
+        self.file_shapes, self.file_dtypes = file_shapes, file_dtypes
+
+    @classmethod
+    def plan(cls, ckpt, model: nn.Module, quantize: "str | Quantization | None") -> "QuantizedLoad | None":
+        """None for a plain load. Otherwise swaps `model`'s (meta) linear layers for quantized ones."""
+        stored = read_quantization(ckpt.folder)
+        asked = Quantization.parse(quantize)
+        if stored is None and asked is None:
+            return None
+        if stored is not None and ckpt.format != "consolidated":
+            raise CheckpointError(f"{ckpt.folder}: {CONFIG_FILE} goes with a consolidated.safetensors checkpoint "
+                                  f"(written by `mistral quantize`), not with the {ckpt.format} format")
+        if stored is not None and asked is not None and asked != stored:
+            raise CheckpointError(f"{ckpt.folder}: already quantized ({_describe(stored)}); it cannot be loaded as "
+                                  f"{_describe(asked)}: quantize the full-precision checkpoint instead")
+        full = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+        quantize_model(model, stored or asked)
+        if stored is None:
+            return cls(asked, False, full, {})
+        state = model.state_dict()
+        dtypes = {name: t.dtype for name, t in state.items() if not t.is_floating_point()}
+        return cls(stored, True, {name: tuple(t.shape) for name, t in state.items()}, dtypes)
+
+    def check_dtype(self, path: Path, key: str, name: str, tensor: torch.Tensor) -> None:
+        want = self.file_dtypes.get(name)
+        if want is not None and tensor.dtype != want:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected {want} "
+                                  f"({_describe(self.quantization)} weights)")
+        if want is None and not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
+
+    def load(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state entries for one tensor of the file: itself, or its (weight, scales) pair."""
+        if self.stored or not is_quantized_name(name):
+            return {name: tensor}
+        weight, scales = quantize_tensor(tensor, self.quantization, tensor.dtype)
+        return {name: weight, name.removesuffix("weight") + "scales": scales}
+
+
+def _describe(q: Quantization) -> str:
+    return f"int4, groups of {q.group_size}" if q.method == "int4" else "int8 per output channel"
+
+
+def write_quantized(source: str | Path, out: str | Path, quantization: "str | Quantization",
+                    dtype: torch.dtype | str | None = None, prefer: str | None = None) -> Path:
+    """Quantize the checkpoint folder `source` (either format, tensor by tensor) into the folder
+    `out`: params.json, quantization.json, consolidated.safetensors, and the tokenizer files."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .loader import find_checkpoint, load_model
+    from .tokenizer import TOKENIZER_FILES
+
+    quantization = Quantization.parse(quantization)
+    ckpt = find_checkpoint(source, prefer)
+    if read_quantization(ckpt.folder) is not None:
+        raise CheckpointError(f"{ckpt.folder}: already quantized; quantize the full-precision checkpoint")
+    model = load_model(source, dtype=dtype, prefer=prefer, quantize=quantization, max_seq_len=1, quiet=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "consolidated.safetensors.partial"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"format": "pt", "quantization": json.dumps(quantization.to_json())})
+    (out / "params.json").write_text(json.dumps(ckpt.args().to_params(), indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(quantization.to_json(), indent=2) + "\n")
+    tmp.replace(out / "consolidated.safetensors")  # last: a crash mid-write leaves no loadable folder
+    for name in TOKENIZER_FILES:
+        if (ckpt.folder / name).is_file():
+            shutil.copyfile(ckpt.folder / name, out / name)
+    return out
