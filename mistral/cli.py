@@ -620,11 +620,12 @@ def add_quantize_flag(p) -> None:
 def add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="write a weight-only quantized checkpoint (int8 or int4) that every command loads")
     p.add_argument("weights", type=Path, help="a full-precision checkpoint folder (either format)")
-    p.add_argument("--to", required=True, choices=["int8", "int4"])
-    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="int4: weights per scale (default 32)")
+    p.add_argument("--to", required=True, choices=["int8", "int4"],
+                   help="int8: one scale per output channel; int4: one scale per --group-size inputs")
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="int4: weights per scale")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the scales and of the unquantized tensors (default: the checkpoint's own)")
-    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
+    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read when the folder holds both")
     p.add_argument("--out", required=True, type=Path, help="the folder to write")
     p.set_defaults(run=cmd_quantize)
 
