@@ -16,15 +16,16 @@ What is built here (`Constraint.grammar`):
 
 where <calls> is a JSON array (one item with parallel_tool_calls false) of
 {"name": <one of the tools>, "arguments": <that tool's parameters>}. JSON may have one space
-around its separators (json.dumps's style, in which the v3 prompt writes calls) or none. The optional space is SentencePiece's: the model's
-first piece usually starts with `▁`, which decoding drops at the start of the answer.
+around its separators (json.dumps's style, in which the v3 prompt writes calls) or none. The
+optional leading space is SentencePiece's: the model's first piece usually starts with `▁`,
+which decoding drops at the start of the answer.
 
 The engine is llguidance (Microsoft's; used by llama.cpp, vLLM and SGLang). xgrammar fills a
 mask faster (median 3 µs a token against 30 µs here, on the v3 vocabulary: BENCHMARKS.md), but
 both are far below a decode step, and xgrammar depends on transformers and imports it, which the
-runtime must not; llguidance depends on nothing. It is an extra (`pip install
-mistral-from-scratch[structured]`): without it, requests that need a grammar get a 400 naming the
-parameter, and everything else works.
+runtime must not; llguidance depends on nothing (one 3 MB wheel), so it is a dependency. Where
+it cannot be installed, requests that need a grammar get a 400 naming the parameter, tool_choice
+"auto" goes unconstrained, and everything else works.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def _llguidance(param: str):
     try:
         import llguidance
     except ImportError:
-        raise RequestError(f"{param} needs constrained decoding, which needs the llguidance package: "
-                           "pip install 'mistral-from-scratch[structured]'", param=param) from None
+        raise RequestError(f"{param} needs constrained decoding, which needs the llguidance package "
+                           "(pip install llguidance), not installed here", param=param) from None
     return llguidance
 
 

@@ -612,7 +612,7 @@ def test_503_while_loading_then_429_when_the_queue_is_full(library):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "small", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 200,
+    body = {"model": "small", "messages": [{"role": "user", "content": "Go on."}],  # to the end of the context
             "ignore_eos": True, "stream": True}
     try:
         deadline = time.monotonic() + 20
