@@ -36,12 +36,12 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .model import Transformer
-from .sampling import BatchFlags, SamplingTensors, sample, token_logprobs
+from .sampling import BatchFlags, SamplingTensors, mask_words, sample, token_logprobs
 
 log = logging.getLogger("mistral")
 
@@ -65,6 +65,7 @@ class GenerationParams:
     logprobs: bool = False
     top_logprobs: int = 0
     first_token: int | None = None  # force the first generated token (e.g. [TOOL_CALLS])
+    constraint: Any = None  # a grammar the answer must follow: structured.Constraint (its `matcher()`)
 
     @property
     def uses_penalties(self) -> bool:
@@ -98,6 +99,7 @@ class Sequence:
     length: int = 0  # positions written to the cache
     generated: int = 0
     finished: bool = False
+    matcher: Any = None  # structured.Matcher: where the sequence is in its grammar
 
 
 class QueueFull(Exception):
@@ -141,6 +143,11 @@ class Engine:
         self.logit_bias: torch.Tensor | None = None  # [R, V], allocated when first needed
         self.counts: torch.Tensor | None = None  # [R, V]
         self.in_prompt: torch.Tensor | None = None  # [R, V]
+        # The grammars' token masks ([R, V/32] int32 bits, 4 KB a row): filled on the host, copied
+        # to the device for each step with a constrained row (rows without a grammar allow all).
+        words = mask_words(self.vocab_size)
+        self.token_mask = torch.full((R, words), -1, dtype=torch.int32, device=dev)
+        self._host_mask = torch.full((R, words), -1, dtype=torch.int32, pin_memory=dev.type == "cuda")
         if compile and cuda_graphs:
             raise ValueError("choose one of compile=True and cuda_graphs=True: both replace the eager decode step")
         self.graphs = None if compile else self._captured_steps(cuda_graphs)  # None: no CUDA graphs
@@ -247,6 +254,8 @@ class Engine:
         cache = self.cache.view(row, row + 1, length=n)
         logits = self.model(tokens, torch.zeros(1, dtype=torch.long, device=self.device), cache, last_only=True)[:, -1]
         flags, first = self._flags([seq]), seq.params.first_token
+        if flags.constrained and first is None:
+            self._fill_masks([seq], row, row + 1)
         if first is not None:
             next_tokens = torch.tensor([first], device=self.device)
         else:
@@ -260,6 +269,8 @@ class Engine:
         hi = self.max_batch if self.fixed_batch_shape else rows[-1] + 1
         seqs = [self.running[r] for r in rows]
         flags = self._flags(seqs)
+        if flags.constrained:
+            self._fill_masks(seqs, 0, hi)
         graphed = self.graphs(hi, flags) if self.graphs is not None else None
         if graphed is not None:  # a replayed CUDA graph decoded rows 0..bucket-1 (see _graph_step)
             logits, next_tokens = graphed[0][:hi], graphed[1][:hi]
@@ -333,17 +344,17 @@ class Engine:
                              f"{self.model.ops.name!r}: load it with kernels='torch' (--kernels torch), or leave "
                              "compile off on CUDA, where the Triton kernels run with CUDA graphs")
         # Each batch class (1 row, 2-4, more) x set of sampling features (greedy or not, penalties,
-        # filtering, logit_bias: 12) is a compilation of its own, 36 at most. Where torch.compile
+        # filtering, logit_bias, a token mask: 24) is a compilation of its own, 72 at most. Where torch.compile
         # takes a limit for one function (torch 2.13 does), allow them; elsewhere raise dynamo's
         # global limit (8), past which a fullgraph compile raises (and we would fall back).
-        limit = {"recompile_limit": 64}
+        limit = {"recompile_limit": 128}
         if "recompile_limit" not in inspect.signature(torch.compile).parameters:
             limit = {}
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
         # Only the ints `batch` and `length` vary: the cache and the per-row state keep their shapes,
         # and marking them static spares every call their shape guards (in Python, ~0.1 ms a step).
         rows = (self.tokens, self.pos, self.active, self.n_generated, self.min_tokens, self.temperature, self.top_k,
-                self.top_p, self.min_p, self.presence, self.frequency, self.repetition, self.seed)
+                self.top_p, self.min_p, self.presence, self.frequency, self.repetition, self.seed, self.token_mask)
         for t in (*self.cache.k, *self.cache.v, *rows):
             torch._dynamo.mark_static(t)
         # realize_opcount_threshold=0: store each intermediate rather than recompute it inside its
@@ -428,8 +439,12 @@ class Engine:
             else:
                 event = TokenEvent(token)
             seq.generated += 1
+            if seq.matcher is not None:
+                seq.matcher.advance(token)
             seq.emit(event)
-            if token == self.eos_id and not seq.params.ignore_eos:
+            if seq.matcher is not None and seq.matcher.failed:  # a mask let through what the grammar refuses
+                self._finish(seq, FinishEvent("error", f"constrained decoding failed: {seq.matcher.failed}"))
+            elif token == self.eos_id and not seq.params.ignore_eos:
                 self._finish(seq, FinishEvent("stop"))
             elif seq.generated >= seq.params.max_tokens or seq.length >= self.max_seq_len:
                 self._finish(seq, FinishEvent("length"))  # out of tokens, or no cache position left
@@ -459,6 +474,7 @@ class Engine:
         self.min_tokens[row] = p.min_tokens
         self.pos[row] = len(seq.prompt)
         self.active[row] = 1
+        seq.matcher = p.constraint.matcher() if p.constraint is not None else None
         dev = self.device
         if p.logit_bias and self.logit_bias is None:
             self.logit_bias = self._table(torch.float32)
@@ -492,7 +508,18 @@ class Engine:
             logit_bias=self.logit_bias[lo:hi] if flags.logit_bias else None,
             counts=self.counts[lo:hi] if flags.penalties else None,
             in_prompt=self.in_prompt[lo:hi] if flags.penalties else None,
+            token_mask=self.token_mask[lo:hi] if flags.constrained else None,
         )
+
+    def _fill_masks(self, seqs: list[Sequence], lo: int, hi: int) -> None:
+        """Rows lo..hi-1 of the token mask: each constrained row's grammar fills its own (on the
+        host, ~30-100 µs a row), every other row allows all; then one copy to the device."""
+        host = self._host_mask[lo:hi]
+        host.fill_(-1)
+        for seq in seqs:
+            if seq.matcher is not None and seq.matcher.active:
+                seq.matcher.fill(self._host_mask[seq.row])
+        self.token_mask[lo:hi].copy_(host, non_blocking=True)
 
     @staticmethod
     def _flags(seqs: list[Sequence]) -> BatchFlags:
@@ -501,6 +528,7 @@ class Engine:
             penalties=any(s.params.uses_penalties for s in seqs),
             filtering=any(s.params.uses_filtering and s.params.temperature > 0 for s in seqs),
             logit_bias=any(s.params.logit_bias for s in seqs),
+            constrained=any(s.matcher is not None and s.matcher.active for s in seqs),
         )
 
 

@@ -31,7 +31,8 @@ import torch
 
 from .engine import Engine, FinishEvent, GenerationParams, QueueFull, TokenEvent
 from .errors import RequestError
-from .prompt import encode_chat, parse_tool_calls, read_tool_choice
+from . import structured
+from .prompt import ToolCallStream, encode_chat, parse_tool_calls, read_tool_choice, read_tools
 from .tokenizer import StreamingDetokenizer, Tokenizer, check_stop_strings
 
 MAX_STOP_STRINGS = 4
@@ -156,8 +157,10 @@ class Mistral:
         temperature, top_p, presence_penalty, frequency_penalty, stop, seed, n, logprobs,
         top_logprobs, logit_bias, stream_options; and as vLLM's: top_k, min_p, repetition_penalty,
         ignore_eos, min_tokens, continue_final_message (the last message is an assistant message whose
-        text the model continues; the answer holds only the continuation). Bad values raise
-        RequestError naming the parameter.
+        text the model continues; the answer holds only the continuation). response_format
+        ({"type": "text" | "json_object" | "json_schema", ...}), tool_choice "required" or a named
+        function, and parallel_tool_calls are enforced by constrained decoding (structured.py).
+        Bad values raise RequestError naming the parameter.
         """
         job = self._chat_job(messages, stream=stream, **params)
         return self._stream(job) if stream else _last(self._stream(job))
@@ -183,8 +186,8 @@ class Mistral:
 
     # --- building jobs ---------------------------------------------------------------------------------
 
-    def _chat_job(self, messages, *, tools=None, tool_choice=None, continue_final_message=False, model=None,
-                  **params) -> "_Job":
+    def _chat_job(self, messages, *, tools=None, tool_choice=None, parallel_tool_calls=None, response_format=None,
+                  continue_final_message=False, model=None, **params) -> "_Job":
         tok = self.tokenizer
         mode, name = read_tool_choice(tool_choice, tools)  # "none" | "auto" | "required" | "function"
         prompt_tools = tools
@@ -194,17 +197,38 @@ class Mistral:
         if continue_final_message and mode in ("required", "function"):
             raise RequestError(f"tool_choice {mode!r} starts a new answer with a tool call; it cannot continue "
                                "the final message", param="continue_final_message")
+        parallel = _boolean("parallel_tool_calls", parallel_tool_calls) is not False
+        answer = structured.response_format_grammar(response_format)
+        if answer is not None and continue_final_message:
+            raise RequestError("response_format constrains a whole answer; it cannot continue the final message",
+                               param="continue_final_message")
         prompt = encode_chat(tok, messages, tools=prompt_tools, continue_final_message=continue_final_message)
         gen, opts = self._params(len(prompt), "messages", **params)
+        constraint = None
+        if mode in ("required", "function"):  # [TOOL_CALLS], then calls that validate
+            grammar = structured.tool_calls_grammar(read_tools(prompt_tools), tok.tool_calls_id, parallel)
+            constraint = structured.make_constraint(tok, grammar, "tool_choice")
+        elif mode == "auto" and answer is not None:  # the answer, or calls
+            grammar = structured.tool_calls_grammar(read_tools(tools), tok.tool_calls_id, parallel, answer)
+            constraint = structured.make_constraint(tok, grammar, "response_format")
+        elif mode == "auto" and structured.available():  # free text, but calls once [TOOL_CALLS] is out
+            grammar = structured.tool_calls_grammar(read_tools(tools), tok.tool_calls_id, parallel)
+            constraint = structured.make_constraint(tok, grammar, "tools", trigger=tok.tool_calls_id)
+        elif answer is not None:
+            constraint = structured.make_constraint(tok, answer, "response_format")
         if mode == "none" and tools:  # the tools stay in the prompt, but the model may not call them
             gen = dataclasses.replace(gen, logit_bias={**(gen.logit_bias or {}), tok.tool_calls_id: -math.inf})
         elif mode in ("required", "function"):  # the answer starts with [TOOL_CALLS]
             gen = dataclasses.replace(gen, first_token=tok.tool_calls_id)
+        gen = _constrained(gen, constraint)
         return _Job(self, "chat", [prompt], gen, tools_enabled=bool(tools) and mode != "none", **opts)
 
-    def _text_job(self, prompt, *, model=None, **params) -> "_Job":
+    def _text_job(self, prompt, *, response_format=None, model=None, **params) -> "_Job":
         prompts = self._text_prompts(prompt)
+        answer = structured.response_format_grammar(response_format)
         gen, opts = self._params(max(len(ids) for ids in prompts), "prompt", **params)
+        if answer is not None:
+            gen = _constrained(gen, structured.make_constraint(self.tokenizer, answer, "response_format"))
         if len(prompts) * opts["n"] > MAX_N:
             raise RequestError(f"{len(prompts)} prompts x n={opts['n']} asks for {len(prompts) * opts['n']} choices; "
                                f"at most {MAX_N} per request", param="prompt")
@@ -298,12 +322,21 @@ class Mistral:
             raise RequestError("give max_tokens or max_completion_tokens, not both", param="max_tokens")
         limit = max_tokens if max_tokens is not None else max_completion_tokens
         param = "max_tokens" if max_tokens is not None else "max_completion_tokens"
+        # OpenAI's words, which client libraries match on (litellm's ContextWindowExceededError).
+        words = "messages" if prompt_param == "messages" else "prompt"
         room = self.max_seq_len - prompt_len
         if room <= 0:
             raise RequestError(
-                f"the prompt has {prompt_len} tokens, but this model's context holds {self.max_seq_len}: "
-                f"shorten the {prompt_param}", param=prompt_param, code="context_length_exceeded")
-        limit = room if limit is None else min(_integer(param, limit, 1, None), room)
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, your {words} resulted "
+                f"in {prompt_len} tokens. Please reduce the length of the {words}.",
+                param=prompt_param, code="context_length_exceeded")
+        if limit is None:
+            limit = room
+        elif _integer(param, limit, 1, None) > room:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
+                f"{prompt_len + limit} tokens ({prompt_len} in the {words}, {limit} in the completion). Please "
+                f"reduce the length of the {words} or completion.", param=param, code="context_length_exceeded")
         if min_tokens > limit:
             raise RequestError(f"min_tokens ({min_tokens}) is larger than max_tokens ({limit})", param="min_tokens")
         gen = GenerationParams(
@@ -379,6 +412,8 @@ class _Choice:
         self.content = ""
         self.tool_ids: list[int] | None = None  # ids after [TOOL_CALLS], once it appears
         self.tool_calls: list[dict] | None = None
+        self.call_stream: ToolCallStream | None = None  # streamed answers: the calls as they are written
+        self.call_text: StreamingDetokenizer | None = None  # the text after [TOOL_CALLS], for call_stream
         self.finish_reason: str | None = None
         self.logprobs: list[dict] = []  # all entries, for the non-streamed answer
         self.pending_logprobs: list[dict] = []  # entries not yet attached to a chunk
@@ -438,9 +473,15 @@ class _Job:
                 c.pending_logprobs.append(entry)
             if c.tool_ids is not None:
                 c.tool_ids.append(ev.token)
+                if c.call_stream is not None:
+                    deltas = c.call_stream.push(c.call_text.push(ev.token))
+                    if deltas:
+                        yield self._chunk(c, {"tool_calls": deltas})
                 return
             if self.tools_enabled and ev.token == tok.tool_calls_id:
                 c.tool_ids = [ev.token]
+                if self.stream and self.kind == "chat":
+                    c.call_stream, c.call_text = ToolCallStream(), StreamingDetokenizer(tok)
                 yield from self._content(c, c.detok.finish())  # text held back before the call is content
                 return
             text = c.detok.push(ev.token)
@@ -455,7 +496,10 @@ class _Job:
         if ev.reason == "error":
             raise RuntimeError(f"generation failed: {ev.message}")
         reason = "length" if ev.reason == "length" else "stop"
-        if c.tool_ids is not None:
+        if c.call_stream is not None and c.call_stream.calls:  # streamed as they came
+            c.tool_calls = c.call_stream.calls
+            reason = "tool_calls" if reason == "stop" else reason
+        elif c.tool_ids is not None:
             content, calls = parse_tool_calls(tok, c.tool_ids)
             if calls:
                 c.tool_calls = calls
@@ -578,6 +622,19 @@ def _boolean(name: str, value):
     if value is not None and not isinstance(value, bool):
         raise RequestError(f"{name} must be a boolean, got {value!r}", param=name)
     return value
+
+
+def _constrained(gen: GenerationParams, constraint) -> GenerationParams:
+    """The parameters with a grammar; EOS must stay free for it, since a grammar ends the answer there."""
+    if constraint is None:
+        return gen
+    if constraint.trigger is not None and (gen.ignore_eos or gen.min_tokens):
+        return gen  # tool_choice "auto" asked nothing: its calls are left as the model writes them
+    if gen.ignore_eos or gen.min_tokens:
+        param = "ignore_eos" if gen.ignore_eos else "min_tokens"
+        raise RequestError(f"{param} cannot be combined with a constrained answer (response_format or "
+                           "tool_choice): the grammar ends the answer with EOS", param=param)
+    return dataclasses.replace(gen, constraint=constraint)
 
 
 def _stop_strings(stop) -> list[str]:

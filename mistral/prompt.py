@@ -17,6 +17,9 @@ with these rules, each taken from what mistral-common builds (and tested against
 - Assistant text loses its trailing spaces (only spaces) and ends with </s>, unless it is the
   prefix the model is asked to continue. Tool calls are `[TOOL_CALLS]` + a JSON list of
   {"name", "arguments", "id"}, arguments as a JSON value when they parse, else as the string.
+  Ids of another shape than v3's 9 characters are mapped to 9 by a hash (`v3_tool_call_id`).
+- Beyond mistral-common (which refuses it), an assistant message with both text and tool calls
+  is written as the model writes such an answer: the text, then `[TOOL_CALLS]` and the calls.
 - Tool results are `{"content": ..., "call_id": ...}`, content as a JSON value when it parses,
   `{}` when empty, else the string. Calls and results of earlier turns stay in the prompt (v2
   dropped those before the last user message; v3 does not).
@@ -26,6 +29,7 @@ with these rules, each taken from what mistral-common builds (and tested against
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -80,7 +84,6 @@ class _Turn:
     text: str = ""
     tool_calls: list[dict] = field(default_factory=list)
     call_id: str | None = None
-    first_index: int = -1
     prefix: bool = False
 
 
@@ -143,11 +146,7 @@ def _read_tool_calls(calls: Any, where: str) -> list[dict]:
         here = f"{where}[{j}]"
         if not isinstance(call, dict):
             raise RequestError(f"{here}: a tool call must be an object", param=here)
-        call_id = call.get("id")
-        if not isinstance(call_id, str) or not TOOL_CALL_ID.fullmatch(call_id):
-            raise RequestError(
-                f"{here}.id: tool call ids must be 9 characters from [A-Za-z0-9], got {call_id!r}", param=f"{here}.id"
-            )
+        call_id = v3_tool_call_id(call.get("id"), f"{here}.id")
         if call_id in seen:
             raise RequestError(f"{here}.id: tool call id {call_id!r} is used twice in this message", param=f"{here}.id")
         seen.add(call_id)
@@ -199,22 +198,12 @@ def _read_messages(messages: Any, continue_final_message: bool) -> list[_Message
         if role == "assistant":
             parts = _text_parts(content, f"{where}.content", allow_none=True) or []
             msg = _Message(i, role, parts, tool_calls=_read_tool_calls(m.get("tool_calls"), f"{where}.tool_calls"))
-            if msg.text and msg.tool_calls:
-                raise RequestError(
-                    f"{where}: an assistant message has either content or tool_calls, not both", param=where
-                )
             if not msg.text and not msg.tool_calls:
                 raise RequestError(f"{where}: an assistant message needs non-empty content or tool_calls", param=where)
         else:
             msg = _Message(i, role, _text_parts(content, f"{where}.content"), has_content=bool(content))
         if role == "tool":
-            call_id = m.get("tool_call_id")
-            if not isinstance(call_id, str) or not TOOL_CALL_ID.fullmatch(call_id):
-                raise RequestError(
-                    f"{where}.tool_call_id: tool call ids must be 9 characters from [A-Za-z0-9], got {call_id!r}",
-                    param=f"{where}.tool_call_id",
-                )
-            msg.call_id = call_id
+            msg.call_id = v3_tool_call_id(m.get("tool_call_id"), f"{where}.tool_call_id")
         read.append(msg)
 
     for prev, msg in zip(read, read[1:]):
@@ -282,7 +271,7 @@ def _turns(read: list[_Message], continue_final_message: bool) -> list[_Turn]:
         merge = msg.role == prev_role and msg.role != "tool"
         prev_role = msg.role
         if not merge:
-            turns.append(_Turn(msg.role, first_index=msg.index, call_id=msg.call_id))
+            turns.append(_Turn(msg.role, call_id=msg.call_id))
             if msg.role == "tool":
                 turns[-1].text = msg.text
                 continue
@@ -290,12 +279,6 @@ def _turns(read: list[_Message], continue_final_message: bool) -> list[_Turn]:
         if msg.text:
             turn.text = turn.text + SEP + msg.text if turn.text else msg.text
         turn.tool_calls += msg.tool_calls
-        if turn.text and turn.tool_calls:
-            raise RequestError(
-                f"messages[{msg.index}]: consecutive assistant messages from messages[{turn.first_index}] "
-                "mix text and tool calls",
-                param=f"messages[{msg.index}]",
-            )
     if continue_final_message:
         turns[-1].prefix = True
     if not turns or turns[0].role != "user":
@@ -392,10 +375,10 @@ def encode_chat(
                     text = system + SEP + text
             ids += [tok.inst_id, *tok.encode(text), tok.inst_end_id]
         elif turn.role == "assistant":
-            if turn.tool_calls:
-                ids += [tok.tool_calls_id, *tok.encode(_dumps(turn.tool_calls))]
-            else:
+            if turn.text:
                 ids += tok.encode(turn.text.rstrip(" "))
+            if turn.tool_calls:  # after any text, as the model writes them (parse_tool_calls reads it so)
+                ids += [tok.tool_calls_id, *tok.encode(_dumps(turn.tool_calls))]
             if not turn.prefix:
                 ids.append(tok.eos_id)
         else:  # tool
@@ -456,6 +439,18 @@ def read_tool_choice(tool_choice: Any, tools: list[dict] | None) -> ToolChoice:
 # --- model output --------------------------------------------------------------------------------
 
 
+def v3_tool_call_id(call_id: Any, where: str) -> str:
+    """A tool-call id as the v3 format writes it: 9 characters from [A-Za-z0-9]. Ids of other
+    shapes (OpenAI's `call_abc123...`, other providers') are mapped to 9 such characters by a hash,
+    so a call and the tool message that answers it still carry the same id in the prompt."""
+    if not isinstance(call_id, str) or not call_id:
+        raise RequestError(f"{where}: a tool call id must be a non-empty string, got {call_id!r}", param=where)
+    if TOOL_CALL_ID.fullmatch(call_id):
+        return call_id
+    digest = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    return "".join(_ID_ALPHABET[(digest // 62**k) % 62] for k in range(9))
+
+
 def new_tool_call_id() -> str:
     """A fresh tool-call id: 9 characters from [A-Za-z0-9], as the v3 format requires."""
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(9))
@@ -507,3 +502,74 @@ def _parse_calls(text: str) -> list[dict] | None:
             "function": {"name": call["name"], "arguments": arguments},
         })
     return calls
+
+
+_CALL_HEAD = re.compile(r'\s*\}?\s*[\[,]?\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
+
+
+class ToolCallStream:
+    """The calls after [TOOL_CALLS], in OpenAI's streamed shape while they are written: for each call a
+    delta with its index, a new id, type and name once the name is complete, then its arguments'
+    JSON text in fragments as it arrives.
+
+    It follows the shape the model writes, `[{"name": "f", "arguments": {...}}, ...]` (a grammar
+    makes it so under tool_choice); `calls` is what it has seen. Output of another shape streams
+    nothing here: `parse_tool_calls` reads the whole output at the end instead.
+    """
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self._text = ""
+        self._at = 0  # where scanning resumes in _text
+        self._args_from: int | None = None  # start of the current call's arguments, while inside them
+        self._depth, self._in_string, self._escape = 0, False, False
+
+    def push(self, text: str) -> list[dict]:
+        """Feed decoded text; returns the tool_call deltas it completes."""
+        self._text += text
+        deltas = []
+        while True:
+            if self._args_from is None:
+                head = _CALL_HEAD.match(self._text, self._at)
+                if head is None or head.end() == len(self._text):  # wait for the first character of the arguments
+                    return deltas
+                call_id, name = new_tool_call_id(), head.group(1)
+                self.calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": ""}})
+                deltas.append({"index": len(self.calls) - 1, "id": call_id, "type": "function",
+                               "function": {"name": name, "arguments": ""}})
+                self._at = self._args_from = head.end()
+            end = self._scan_arguments()
+            fragment = self._text[self._args_from:end if end is not None else self._at]
+            if fragment:
+                self.calls[-1]["function"]["arguments"] += fragment
+                deltas.append({"index": len(self.calls) - 1, "function": {"arguments": fragment}})
+            if end is None:
+                self._args_from = self._at
+                return deltas
+            self._args_from, self._at = None, end  # the call's closing brace goes with the next call's head
+
+    def _scan_arguments(self) -> int | None:
+        """Move through the arguments' JSON value; its end (exclusive) once seen, else None."""
+        text = self._text
+        while self._at < len(text):
+            ch = text[self._at]
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif ch == "\\":
+                    self._escape = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]" or (ch == "," and self._depth == 0):
+                if self._depth == 0:  # a scalar value ended at the call's own brace or comma
+                    return self._at
+                self._depth -= 1
+                if self._depth == 0:
+                    self._at += 1
+                    return self._at
+            self._at += 1
+        return None

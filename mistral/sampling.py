@@ -1,7 +1,7 @@
 """Choosing the next token, on the device, for a batch of rows that each have their own settings.
 
 Per row: logit_bias, presence / frequency / repetition penalties, temperature (0 = greedy), top-k,
-top-p, min-p, a banned EOS (min_tokens), and a seed. Everything is tensor arithmetic over [B, V]:
+top-p, min-p, a banned EOS (min_tokens), a grammar's token mask (structured.py), and a seed. Everything is tensor arithmetic over [B, V]:
 no loop over rows, no host synchronisation.
 
 Randomness is counter-based: the noise for (seed, step, token) is a hash of those three numbers.
@@ -49,7 +49,10 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> to
     # [V]; under torch.compile recomputed inside the fused loop, which costs less than reading it
     col = (_token_hashes if torch.compiler.is_compiling() else _cached_token_hashes)(vocab_size, seed.device)
     bits = _mix32(row[:, None] ^ col[None, :]) >> 8  # [B, V], 24 random bits
-    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+    # The top value, 1 - 2⁻²⁵, rounds to 1.0 in fp32, whose Gumbel noise is +inf: added to a refused
+    # token's -inf it made NaN, which argmax picks (a top-k/top-p/grammar-refused token about once
+    # in 512 steps at V = 32768). Clamped to the largest fp32 below 1, every other draw unchanged.
+    return ((bits.float() + 0.5) * (1.0 / (1 << 24))).clamp_max(1.0 - 2.0**-24)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class SamplingTensors:
     logit_bias: torch.Tensor | None = None  # [B, V] float, or None when no row has one (read with flags.logit_bias)
     counts: torch.Tensor | None = None  # [B, V] int32: how often each token was generated (penalties)
     in_prompt: torch.Tensor | None = None  # [B, V] bool: tokens of the prompt (repetition penalty)
+    token_mask: torch.Tensor | None = None  # [B, mask_words(V)] int32 bits: the tokens a grammar allows
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,18 @@ class BatchFlags:
     penalties: bool = False
     filtering: bool = False  # any top-k / top-p / min-p
     logit_bias: bool = False
+    constrained: bool = False  # some row's grammar limits its next token (token_mask)
+
+
+def mask_words(vocab_size: int) -> int:
+    """int32 words in one row of a token bitmask: bit t % 32 of word t // 32 allows token t."""
+    return (vocab_size + 31) // 32
+
+
+def allowed_tokens(token_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, W] int32 bitmask -> [B, V] bool. A row of all ones (-1) allows every token."""
+    bits = torch.arange(32, dtype=torch.int32, device=token_mask.device)
+    return ((token_mask[:, :, None] >> bits) & 1).flatten(1)[:, :vocab_size].bool()
 
 
 def apply_penalties(logits: torch.Tensor, s: SamplingTensors) -> torch.Tensor:
@@ -116,6 +132,8 @@ def sample(logits: torch.Tensor, s: SamplingTensors, flags: BatchFlags, eos_id: 
     if flags.penalties:
         logits = apply_penalties(logits, s)
     logits[:, eos_id] = torch.where(s.ban_eos, float("-inf"), logits[:, eos_id])
+    if flags.constrained:  # after every other change: nothing may bring back a token the grammar refused
+        logits = logits.masked_fill(~allowed_tokens(s.token_mask, logits.shape[-1]), float("-inf"))
     greedy = logits.argmax(-1)
     if flags.greedy_only:
         return greedy

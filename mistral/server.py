@@ -70,14 +70,34 @@ OWNED_BY = "mistral-from-scratch"
 
 # --- request schemas ---------------------------------------------------------------------------------
 #
-# Declared once, for types and names only: `extra="forbid"` turns an unknown field into a 400 as
-# OpenAI does, `strict=True` refuses "5" for an integer or 1 for a boolean. Values (ranges, stop
-# strings, logit_bias ids, the messages and tools themselves) are checked by generate.py and
-# prompt.py, which name the offending field; they are not checked twice.
+# Declared once, for types and names only: `strict=True` refuses "5" for an integer or 1 for a
+# boolean. Values (ranges, stop strings, logit_bias ids, the messages and tools themselves) are
+# checked by generate.py and prompt.py, which name the offending field; they are not checked twice.
+#
+# Fields these schemas don't declare are accepted and ignored, with one warning per request naming
+# them, as vLLM does: clients add fields every release (`metadata`, `store`, `service_tier`,
+# `stream_options.include_obfuscation`...), and a 400 for them breaks a client that would work.
 
 
 class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def ignored_fields(self) -> list[str]:
+        """The fields given that no schema declares, nested ones as `stream_options.x`."""
+        names = list(self.model_extra or ())
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, _Schema):
+                names += [f"{name}.{n}" for n in value.ignored_fields()]
+        return names
+
+    def _dump(self, exclude: set[str]) -> dict:
+        """The declared fields given non-null, as keyword arguments for generate.py."""
+        drop: dict[str, Any] = {name: True for name in [*exclude, *(self.model_extra or ())]}
+        for name in type(self).model_fields:
+            if isinstance(value := getattr(self, name), _Schema) and value.model_extra:
+                drop[name] = {n: True for n in value.model_extra}
+        return self.model_dump(exclude_none=True, exclude=drop)
 
 
 class StreamOptions(_Schema):
@@ -112,6 +132,8 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[dict[str, Any]]  # checked message by message in prompt.py
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None  # checked in structured.py
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -119,15 +141,16 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def params(self) -> dict:
         """The keyword arguments of `Mistral.acreate_chat_completion`; null means "the default"."""
-        return self.model_dump(exclude_none=True, exclude={"model", "messages"})
+        return self._dump({"model", "messages"})
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: Any  # a string, token ids, or a list of either: checked in generate.py, which names the bad one
     logprobs: int | None = None  # the legacy API's: how many alternatives to list per token
+    response_format: dict[str, Any] | None = None  # vLLM's extension of the legacy endpoint
 
     def params(self) -> dict:
-        params = self.model_dump(exclude_none=True, exclude={"model", "prompt"})
+        params = self._dump({"model", "prompt"})
         params.setdefault("max_tokens", 16)  # the legacy endpoint's default, as OpenAI and vLLM have it
         if "logprobs" in params:
             params["top_logprobs"] = params["logprobs"]
@@ -135,11 +158,12 @@ class CompletionRequest(_GenerationRequest):
         return params
 
 
-# OpenAI parameters this server knows but does not implement: named as such rather than "unrecognized".
+# OpenAI parameters this server knows but does not implement: accepted and ignored like unknown
+# ones, but named as such in the warning (and in README.md).
 NOT_SUPPORTED = frozenset({
-    "audio", "best_of", "echo", "function_call", "functions", "metadata", "modalities", "parallel_tool_calls",
-    "prediction", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier",
-    "service_tier", "store", "suffix", "verbosity", "web_search_options",
+    "audio", "best_of", "echo", "function_call", "functions", "metadata", "modalities", "prediction",
+    "prompt_cache_key", "reasoning_effort", "safety_identifier", "service_tier", "store", "suffix", "verbosity",
+    "web_search_options", "stream_options.include_obfuscation",
 })
 
 
@@ -154,6 +178,16 @@ class ErrorResponse(BaseModel):
     """OpenAI's error body: every answer that is not a 200."""
 
     error: ErrorDetail
+
+
+def _warn_ignored(req: _Schema) -> None:
+    names = req.ignored_fields()
+    if names:
+        known = [n for n in names if n in NOT_SUPPORTED]
+        unknown = [n for n in names if n not in NOT_SUPPORTED]
+        log.warning("ignoring request fields: %s", "; ".join(
+            part for part in (known and f"not supported: {', '.join(known)}",
+                              unknown and f"unknown: {', '.join(unknown)}") if part))
 
 
 # --- errors --------------------------------------------------------------------------------------------
@@ -215,10 +249,6 @@ def _from_validation_error(e: ValidationError, schema: type[BaseModel], data: An
     param, expected, value = _locate(schema, data, err["loc"])
     if err["type"] == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
-    if err["type"] == "extra_forbidden":
-        if param in NOT_SUPPORTED:
-            return APIError(400, f"'{param}' is not supported by this server.", param, "unsupported_parameter")
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
     return APIError(400, f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)}.",
                     param, "invalid_type")
 
@@ -442,7 +472,9 @@ def create_app(
                                code="request_too_large")
         # Parsing a body of megabytes takes a while: on a worker thread, so that other clients'
         # streams and /health go on meanwhile.
-        return await asyncio.to_thread(_parse_body, bytes(body), schema)
+        req = await asyncio.to_thread(_parse_body, bytes(body), schema)
+        _warn_ignored(req)
+        return req
 
     api = APIRouter(dependencies=[Depends(check_key)])
 

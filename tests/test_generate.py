@@ -315,8 +315,13 @@ def test_tool_call_comes_back_as_tool_calls(scripted):
     chunks = list(scripted.create_chat_completion(messages, tools=TOOLS, temperature=0, max_tokens=40, stream=True))
     for chunk in chunks:
         ChatCompletionChunk.model_validate(chunk)
-    deltas = [c["choices"][0]["delta"]["tool_calls"] for c in chunks if c["choices"][0]["delta"].get("tool_calls")]
-    assert len(deltas) == 1 and deltas[0][0]["index"] == 0 and deltas[0][0]["function"]["name"] == "get_weather"
+    deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls") or ()]
+    # as OpenAI streams a call: index, id, type and name first, then the arguments in pieces
+    first, *rest = deltas
+    assert first["index"] == 0 and re.fullmatch(r"[A-Za-z0-9]{9}", first["id"]) and first["type"] == "function"
+    assert first["function"] == {"name": "get_weather", "arguments": ""}
+    assert len(rest) > 1 and all(set(d) == {"index", "function"} and d["index"] == 0 for d in rest)
+    assert json.loads("".join(d["function"]["arguments"] for d in rest)) == {"city": "Paris"}
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert content_of(chunks) == ""
 
@@ -409,6 +414,8 @@ def test_prompt_longer_than_the_context(llm):
     with pytest.raises(RequestError) as info:
         llm.create_chat_completion(long)
     assert info.value.param == "messages" and info.value.code == "context_length_exceeded"
+    assert str(info.value).startswith(f"This model's maximum context length is {llm.max_seq_len} tokens. However, "
+                                      "your messages resulted in ")
 
 
 def test_bad_messages_name_the_index(llm):
@@ -425,9 +432,17 @@ def test_a_lone_surrogate_is_a_request_error(llm):
         llm.create_completion("x\udfff", max_tokens=2)
 
 
-def test_max_tokens_clamped_to_the_context(llm):
+def test_max_tokens_beyond_the_context_is_refused_in_openai_words(llm):
     prompt_len = len(encode_chat(llm.tokenizer, MESSAGES))
-    result = llm.create_chat_completion(MESSAGES, max_tokens=10_000, temperature=0, ignore_eos=True)
+    for param in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(RequestError) as info:
+            llm.create_chat_completion(MESSAGES, **{param: 10_000})
+        assert info.value.param == param and info.value.code == "context_length_exceeded"
+        assert str(info.value) == (
+            f"This model's maximum context length is {llm.max_seq_len} tokens. However, you requested "
+            f"{prompt_len + 10_000} tokens ({prompt_len} in the messages, 10000 in the completion). "
+            "Please reduce the length of the messages or completion.")
+    # what fits exactly is served to the last position
+    result = llm.create_chat_completion(MESSAGES, max_tokens=llm.max_seq_len - prompt_len, temperature=0, ignore_eos=True)
     assert result["choices"][0]["finish_reason"] == "length"
     assert result["usage"]["total_tokens"] == llm.max_seq_len
-    assert result["usage"]["completion_tokens"] == llm.max_seq_len - prompt_len
