@@ -54,6 +54,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import RequestError
 from .generate import dumps
+from .response_schema import RESPONSES, ChatCompletion, ChatCompletionChunk, Completion, Model, ModelList
 
 if TYPE_CHECKING:
     from .generate import Mistral
@@ -478,22 +479,22 @@ def create_app(
 
     api = APIRouter(dependencies=[Depends(check_key)])
 
-    @api.get("/models")
+    @api.get("/models", response_model=None, responses={200: {"model": ModelList}})
     async def list_models() -> dict:
         return {"object": "list", "data": [_model_card(backend.get().model_name, backend.created)]}
 
-    @api.get("/models/{name:path}")
+    @api.get("/models/{name:path}", response_model=None, responses={200: {"model": Model}})
     async def retrieve_model(name: str) -> dict:
         return _model_card(backend.served(name).model_name, backend.created)
 
-    @api.post("/chat/completions", **_documented(ChatCompletionRequest, "chat.completion", "chat.completion.chunk"))
+    @api.post("/chat/completions", **_documented(ChatCompletionRequest, ChatCompletion, ChatCompletionChunk))
     async def chat_completions(request: Request) -> Response:
         backend.get()  # 503 while loading, before reading the body
         req: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
         llm = backend.served(req.model)
         return await _answer(request, bool(req.stream), llm.acreate_chat_completion(req.messages, **req.params()), backend)
 
-    @api.post("/completions", **_documented(CompletionRequest, "text_completion", "text_completion"))
+    @api.post("/completions", **_documented(CompletionRequest, Completion, Completion))
     async def completions(request: Request) -> Response:
         backend.get()
         req: CompletionRequest = await read_body(request, CompletionRequest)
@@ -545,15 +546,17 @@ def create_app(
     return app
 
 
-def _documented(schema: type[BaseModel], answer: str, chunk: str) -> dict:
+def _documented(schema: type[BaseModel], answer: type[BaseModel], chunk: type[BaseModel]) -> dict:
     """The OpenAPI description of a generation route. The routes read their bodies themselves (to
-    count bytes and name fields as OpenAI does), so the request schema is declared here."""
+    count bytes and name fields as OpenAI does), so the request schema is declared here; the answers'
+    schemas are response_schema.py's."""
     errors = {status: {"model": ErrorResponse, "description": text} for status, text in (
         (400, "a bad request"), (401, "a missing or wrong key"), (404, "an unknown model"), (408, "a body that stopped"),
         (413, "a body over the limit"), (429, "the queue is full"), (503, "the model is loading"))}
-    ok = {"description": f"a `{answer}` object; with `stream: true`, server-sent events of `{chunk}` objects, "
-                         "then `data: [DONE]` (OpenAI's shapes)",
-          "content": {"application/json": {}, "text/event-stream": {}}}
+    ref = lambda model: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}  # noqa: E731
+    ok = {"description": f"a `{answer.__name__}`; with `stream: true`, server-sent events each holding a "
+                         f"`{chunk.__name__}`, then `data: [DONE]` (OpenAI's shapes)",
+          "content": {"application/json": ref(answer), "text/event-stream": ref(chunk)}}
     body = {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}
     return {"openapi_extra": {"requestBody": body}, "responses": {200: ok, **errors}}
 
@@ -563,7 +566,7 @@ def _openapi(app: FastAPI) -> dict:
 
     spec = get_openapi(title=app.title, version="1", routes=app.routes)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ChatCompletionRequest, CompletionRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, *RESPONSES):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema

@@ -41,15 +41,27 @@ def spell(tokenizer: Tokenizer, text: str, avoid: set[int] = frozenset()) -> lis
         sorted((p for p in pieces if p and text.startswith(p, at) and not (at == 0 and p.startswith(" "))), key=len, reverse=True)
         for at in range(len(text))
     ]
+    # ids that can still be used from each position on: whether the rest of the text can be spelled
+    # depends only on which of those are taken, so a failure is remembered under that key (without
+    # it, a text that cannot be spelled takes exponential time to say so)
+    later: list[set[int]] = [set() for _ in range(len(text) + 1)]
+    for at in reversed(range(len(text))):
+        later[at] = later[at + 1] | {i for p in matches[at] for i in pieces[p]}
+    failed: set[tuple[int, frozenset[int]]] = set()
+
     def search(at: int, used: set[int]) -> list[int] | None:
         if at == len(text):
             return []
+        key = (at, frozenset(used & later[at]))
+        if key in failed:
+            return None
         for piece in matches[at]:
             for i in pieces[piece]:
                 if i not in used and i not in avoid:
                     rest = search(at + len(piece), used | {i})
                     if rest is not None:
                         return [i, *rest]
+        failed.add(key)
         return None
 
     ids = search(0, set())

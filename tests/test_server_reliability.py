@@ -345,6 +345,51 @@ def test_openapi_schema_and_docs_are_published(server):
     assert docs.status_code == 200 and "/openapi.json" in docs.text
 
 
+def test_published_answer_schemas_hold_for_real_answers(server):
+    """Each 200 of /openapi.json names a schema, and the server's real answers validate against it:
+    chat (plain, with logprobs and n, streamed chunks with usage), completions (plain and streamed,
+    with logprobs), the model list and a model. A schema that drifted from the answers fails here."""
+    jsonschema = pytest.importorskip("jsonschema")
+    spec = httpx.get(server + "/openapi.json", timeout=10).json()
+
+    def validator(path: str, method: str, content: str = "application/json"):
+        ref = spec["paths"][path][method]["responses"]["200"]["content"][content]["schema"]["$ref"]
+        name = ref.rsplit("/", 1)[1]
+        return name, jsonschema.Draft202012Validator({**spec["components"]["schemas"][name], "components": spec["components"]})
+
+    def events(r: httpx.Response) -> list[dict]:
+        data = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        return [json.loads(d) for d in data[:-1]]
+
+    name, chat = validator(CHAT, "post")
+    assert name == "ChatCompletion"
+    for body in (GOOD, {**GOOD, "n": 2, "logprobs": True, "top_logprobs": 2, "temperature": 1.0, "seed": 1}):
+        r = httpx.post(server + CHAT, json=body, headers=HEADERS, timeout=60)
+        assert r.status_code == 200
+        chat.validate(r.json())
+    name, chunk = validator(CHAT, "post", "text/event-stream")
+    assert name == "ChatCompletionChunk"
+    r = httpx.post(server + CHAT, json={**GOOD, "stream": True, "stream_options": {"include_usage": True},
+                                         "logprobs": True}, headers=HEADERS, timeout=60)
+    chunks = events(r)
+    assert len(chunks) >= 3 and chunks[-1]["choices"] == [] and chunks[-1]["usage"]
+    for c in chunks:
+        chunk.validate(c)
+    text_body = {"model": "small", "prompt": "Hi", "max_tokens": 2, "logprobs": 2}
+    name, text = validator(TEXT_PATH, "post")
+    assert name == "Completion"
+    text.validate(httpx.post(server + TEXT_PATH, json=text_body, headers=HEADERS, timeout=60).json())
+    for c in events(httpx.post(server + TEXT_PATH, json={**text_body, "stream": True}, headers=HEADERS, timeout=60)):
+        text.validate(c)
+    validator("/v1/models", "get")[1].validate(httpx.get(server + "/v1/models", headers=HEADERS, timeout=10).json())
+    validator("/v1/models/{name}", "get")[1].validate(
+        httpx.get(server + "/v1/models/small", headers=HEADERS, timeout=10).json())
+    # and the schemas are not vacuous: a chat answer without choices, or a chunk of the wrong object, is refused
+    assert not chat.is_valid({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "usage": {}})
+    assert not chunk.is_valid({**chunks[0], "object": "chat.completion"})
+
+
 def test_health_answers_while_a_4_mb_body_is_parsed_and_tokenized(server):
     """Parsing and tokenizing run on a worker thread: /health, polled meanwhile, keeps answering.
     Was: the event loop held for the whole request (3.6 s here for one 4 MB body, on a shared

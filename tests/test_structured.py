@@ -49,6 +49,13 @@ class Person(BaseModel):
     color: Literal["red", "green", "blue"]
 
 
+class Member(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=120)
+    member: bool
+
+
 PERSON = {"type": "json_schema", "json_schema": {"name": "Person", "strict": True, "schema": Person.model_json_schema()}}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}
@@ -226,9 +233,10 @@ def server(llm):
 
 @pytest.fixture(scope="module")
 def scripted_server(tmp_path_factory):
-    """Greedy output: a JSON object that is a Person, then EOS."""
+    """Greedy output: a JSON object that is a Member, then EOS. (A Person's text has too many quotes
+    to spell with distinct tokens, as a scripted checkpoint needs.)"""
     tok = Tokenizer.from_path(v3_tokenizer_file())
-    answer = spell(tok, '{"name":"Ann","age":7,"member":true,"color":"red"}', avoid={tok.eos_id, tok.inst_end_id})
+    answer = spell(tok, '{"name":"Ann","age":7,"member":true}', avoid={tok.eos_id, tok.inst_end_id})
     folder = write_scripted(tmp_path_factory.mktemp("scripted_json"), [tok.inst_end_id, *answer, tok.eos_id])
     yield from serve(Mistral.from_pretrained(folder, device="cpu", kernels="torch", max_batch=1, max_seq_len=128, quiet=True))
 
@@ -296,8 +304,8 @@ def test_langchain_json_mode(scripted_server):
     langchain_openai = pytest.importorskip("langchain_openai")
     chat = langchain_openai.ChatOpenAI(model="small", base_url=scripted_server, api_key=KEY, max_retries=0,
                                        temperature=0, max_tokens=60)
-    out = chat.with_structured_output(Person, method="json_mode").invoke("Describe a person as JSON.")
-    assert out == Person(name="Ann", age=7, member=True, color="red")
+    out = chat.with_structured_output(Member, method="json_mode").invoke("Describe a member as JSON.")
+    assert out == Member(name="Ann", age=7, member=True)
 
 
 def test_unknown_and_unsupported_fields_are_ignored_with_one_warning(server, caplog):
