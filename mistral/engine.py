@@ -385,11 +385,17 @@ class Engine:
     def _captured_steps(self, cuda_graphs: bool | None):
         """None means: on for a CUDA model on the Triton kernels. Their decode attention reads each
         row's length on the device, so a graph over the whole cache costs no more than the rows'
-        own lengths; PyTorch's attention would read the whole cache at every step."""
+        own lengths; PyTorch's attention would read the whole cache at every step. A model whose
+        calls must run on the host each step (`capturable = False`: tensor parallelism's leader,
+        which announces each call to the other ranks) decodes eagerly."""
+        capturable = getattr(self.model, "capturable", True)
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and self.model.ops.name == "triton"
+            cuda_graphs = self.device.type == "cuda" and self.model.ops.name == "triton" and capturable
         if not cuda_graphs:
             return None
+        if not capturable:
+            raise ValueError("cuda_graphs=True: this model cannot be captured in a CUDA graph (a tensor-parallel "
+                             "model announces each call to its other ranks from the host)")
         if self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {self.device}")
         from .cuda_graphs import CapturedSteps

@@ -45,6 +45,8 @@ class Leader:
     """Rank 0's model: the same interface as the `Transformer` it wraps (attributes are its), with
     every call announced to the followers first. Thread-safe: one call at a time."""
 
+    capturable = False  # each call is announced from the host: the engine replays no CUDA graph of it
+
     def __init__(self, model: Transformer, shard: Shard):
         self.model, self.shard = model, shard
         self._lock = threading.Lock()

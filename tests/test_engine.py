@@ -113,3 +113,26 @@ def test_a_failing_prefill_fails_that_sequence_only(model):
     assert rec.finish(0).reason == rec.finish(2).reason == "length"
     assert rec.tokens(0) == alone(model, prompts(1)[0])
     assert rec.tokens(2) == alone(model, prompts(3)[2])
+
+
+def test_a_model_that_cannot_be_captured_decodes_without_cuda_graphs(model):
+    """Tensor parallelism's leader announces every model call from the host (capturable = False):
+    asking for CUDA graphs is refused with a reason, and by default none are made."""
+
+    class HostDriven:
+        capturable = False
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def __call__(self, *args, **kwargs):
+            return model(*args, **kwargs)
+
+    with pytest.raises(ValueError, match="cannot be captured in a CUDA graph"):
+        Engine(HostDriven(), max_batch=2, cuda_graphs=True)
+    engine = Engine(HostDriven(), max_batch=2, fixed_batch_shape=True)
+    assert engine.graphs is None
+    rec = Recorder(engine)
+    rec.add(prompts(1)[0])
+    engine.run_until_idle()
+    assert rec.tokens(0) == alone(model, prompts(1)[0])
