@@ -306,8 +306,14 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable, at most 4)")
 
 
-def _sampling(a) -> dict:
-    return dict(max_tokens=a.max_tokens or None, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+def _sampling(a, llm=None, prompt_len: int = 0) -> dict:
+    """The sampling flags as API arguments. --max-tokens caps the answer at what the context leaves
+    after the prompt (given `llm` and the prompt's length): the API refuses a max_tokens beyond the
+    context, as OpenAI does, but a CLI cap is an upper bound, not a request for that many."""
+    cap = a.max_tokens or None
+    if cap is not None and llm is not None:
+        cap = max(1, min(cap, llm.max_seq_len - prompt_len))  # a prompt that fills the context is refused as such
+    return dict(max_tokens=cap, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
                 repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
 
@@ -351,14 +357,18 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(a) -> None:
+    from .prompt import encode_chat
+
     llm = _load(a)
     if a.raw:
-        for chunk in llm.create_completion(a.prompt, stream=True, **_sampling(a)):
+        prompt_len = len(llm.tokenizer.encode(a.prompt, bos=True))
+        for chunk in llm.create_completion(a.prompt, stream=True, **_sampling(a, llm, prompt_len)):
             print(chunk["choices"][0]["text"] if chunk["choices"] else "", end="", flush=True)
         print()
         return
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
-    _print_stream(llm.create_chat_completion(messages, stream=True, **_sampling(a)))
+    prompt_len = len(encode_chat(llm.tokenizer, messages))
+    _print_stream(llm.create_chat_completion(messages, stream=True, **_sampling(a, llm, prompt_len)))
 
 
 def add_chat(sub) -> None:
@@ -371,6 +381,8 @@ def add_chat(sub) -> None:
 
 
 def cmd_chat(a) -> None:
+    from .prompt import encode_chat
+
     llm = _load(a)
     history: list[dict] = []
     print(f"chatting with {llm.model_name} ({llm.system_fingerprint}); /reset clears the history, /exit or Ctrl-D quits")
@@ -392,7 +404,8 @@ def cmd_chat(a) -> None:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + history
         answer = []
         try:
-            for chunk in llm.create_chat_completion(messages, stream=True, **_sampling(a)):
+            sampling = _sampling(a, llm, len(encode_chat(llm.tokenizer, messages)))
+            for chunk in llm.create_chat_completion(messages, stream=True, **sampling):
                 for choice in chunk["choices"]:
                     text = choice["delta"].get("content") or ""
                     answer.append(text)

@@ -126,6 +126,24 @@ def test_generate_reads_the_hf_copy_when_asked(both, capsys):
     assert capsys.readouterr().out == via_hf  # the same weights in either format: the same greedy answer
 
 
+def test_the_default_cap_bounds_an_answer_by_what_the_context_leaves(both, capsys):
+    """The CLI's default --max-tokens (512) is a cap, not a request: with a 64-position context the
+    answer runs to the end of the context (the API refuses a max_tokens past it, as OpenAI does)."""
+    from mistral.cli import _sampling
+
+    assert main(["generate", str(both), "--prompt", "Hi", "--temperature", "0", "--max-seq-len", "64"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", str(both), "--raw", "--prompt", "Hi", "--temperature", "0", "--max-seq-len", "64"]) == 0
+    assert capsys.readouterr().out.strip()
+
+    class Context:
+        max_seq_len = 64
+
+    a = build_parser().parse_args(["generate", "w", "--prompt", "x"])
+    assert _sampling(a, Context(), 10)["max_tokens"] == 54
+    assert _sampling(build_parser().parse_args(["generate", "w", "--prompt", "x", "--max-tokens", "20"]), Context(), 10)["max_tokens"] == 20
+
+
 def test_a_missing_local_folder_is_not_a_hub_problem(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
