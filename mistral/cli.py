@@ -537,8 +537,13 @@ def cmd_serve(a) -> None:
     # What would fail once the server is up is checked before it says it listens.
     resolve_device(a.device)
     find_weights(a)
-    sock = bind(a.host, a.port)
-    url = f"http://{a.host}:{sock.getsockname()[1]}/v1"
+    from . import tp
+
+    # Under torchrun only rank 0 serves HTTP; the other ranks must not take the port too (two
+    # sockets bound to it make rank 0's listen fail, depending on which binds first).
+    follower = tp.follower()
+    sock = None if follower else bind(a.host, a.port)
+    url = f"http://{a.host}:{sock.getsockname()[1]}/v1" if sock is not None else None
 
     def load() -> Mistral:
         # A fixed decode shape (all rows, the whole cache) makes each request's greedy output
@@ -552,9 +557,7 @@ def cmd_serve(a) -> None:
         print(f"mistral serve: {llm.model_name} is ready at {url}", file=sys.stderr, flush=True)
         return llm
 
-    from . import tp
-
-    if tp.follower():  # under torchrun, ranks other than 0 serve no HTTP: they load their shard, then follow rank 0
+    if follower:  # they load their shard, then follow rank 0's model calls until it exits
         load()
         return
     failed: list[BaseException] = []
