@@ -1,6 +1,6 @@
 """Compile every kernel for an NVIDIA GPU on a machine that has none, at a model's real shapes.
 
-    python -m kernels.compile_check [--arch 90] [--preset 7b-v0.3]
+    python -m kernels.compile_check [--arch 90] [--shapes dim,n_heads,n_kv_heads,head_dim,hidden_dim]
 
 The interpreter runs the kernels' arithmetic but never the compiler, so what only the GPU backend
 checks goes unseen on CPU: tl.dot's minimum of 16 per dimension, types that must agree across the
@@ -28,11 +28,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-from mistral.args import preset  # noqa: E402
-
 from . import _common, decode_attention, prefill_attention, quant_matmul, rmsnorm, rope, swiglu  # noqa: E402
 
 MODULES = (rmsnorm, rope, swiglu, decode_attention, prefill_attention, quant_matmul)
+MISTRAL_7B = "4096,32,8,128,14336"  # dim, n_heads, n_kv_heads, head_dim, hidden_dim of Mistral-7B-v0.3
 SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block
 
 
@@ -68,9 +67,9 @@ def _compile_launches(compiled: list) -> None:
                 value.run = run
 
 
-def _cases(args, dtype: torch.dtype):
+def _cases(shapes: str, dtype: torch.dtype):
     """(name, thunk) for each wrapper call at the model's shapes."""
-    H, Hkv, D, dim = args.n_heads, args.n_kv_heads, args.head_dim, args.dim
+    dim, H, Hkv, D, hidden_dim = map(int, shapes.split(","))
 
     def t(*shape, dt=dtype):
         return torch.zeros(shape, dtype=dt)
@@ -82,11 +81,9 @@ def _cases(args, dtype: torch.dtype):
     yield "rms_norm", lambda: rmsnorm.rms_norm(x, w, 1e-5)
     yield "add_rms_norm", lambda: rmsnorm.add_rms_norm(x, x, w, 1e-5)
     yield "apply_rotary_emb", lambda: rope.apply_rotary_emb(t(1, 7, H, D), t(1, 7, Hkv, D), freqs, freqs)
-    yield "apply_rotary_emb_to_cache", lambda: rope.apply_rotary_emb_to_cache(
-        t(1, 7, H, D), t(1, 7, Hkv, D), t(1, 7, Hkv, D), freqs, freqs, cache, cache, pos)
-    yield "silu_mul", lambda: swiglu.silu_mul(t(1, 7, args.hidden_dim), t(1, 7, args.hidden_dim))
+    yield "silu_mul", lambda: swiglu.silu_mul(t(1, 7, hidden_dim), t(1, 7, hidden_dim))
     for M in (1, quant_matmul.MAX_ROWS):  # the projections' shapes; the output head's is one more [V, dim]
-        for K, N in ((dim, args.hidden_dim), (args.hidden_dim, dim)):
+        for K, N in ((dim, hidden_dim), (hidden_dim, dim)):
             yield f"int8_matmul M={M} K={K} N={N}", lambda M=M, K=K, N=N: quant_matmul.int8_matmul(
                 t(M, K), t(N, K, dt=torch.int8), t(N))
             for group in (32, 128):
@@ -118,7 +115,8 @@ def _resource_usage(cubin: bytes) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 (A100), 89 (L4), 90 (H100)")
-    p.add_argument("--preset", default="7b-v0.3", help="model shapes (mistral.args presets)")
+    p.add_argument("--shapes", default=MISTRAL_7B, help="the model's dim,n_heads,n_kv_heads,head_dim,hidden_dim "
+                   "(default: Mistral-7B-v0.3's)")
     p.add_argument("--dtypes", default="bfloat16,float32")
     a = p.parse_args(argv)
 
@@ -128,7 +126,7 @@ def main(argv=None) -> int:
     _compile_launches(compiled)
     failed = 0
     for dtype in [getattr(torch, name) for name in a.dtypes.split(",")]:
-        for name, call in _cases(preset(a.preset), dtype):
+        for name, call in _cases(a.shapes, dtype):
             compiled.clear()
             try:
                 call()

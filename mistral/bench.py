@@ -56,7 +56,9 @@ from .devices import resolve_device
 from .engine import Engine, GenerationParams, TokenEvent, _bucket
 from .measure import (CORRECT_PROMPT, CORRECT_STEPS, best_time, copy_bandwidth, cpu_name, decode_rate, fast_logits,
                       fp32_references, hf_compiled_rates, hf_eager_rate, matmul_rate, prefill, random_model,
-                      transformers_model, unmerged)
+                      transformers_model)
+from .merged import merge_projections, unmerged
+from .ops import get_ops
 
 NA_CUDA = "n/a (needs CUDA)"
 CONTEXTS = (128, 4096)  # batch-1 decode starts after this many positions
@@ -177,6 +179,9 @@ class Bench:
         """Random token ids (not zeros: a fair input), made on the CPU for the same ids on every device."""
         return torch.randint(0, self.args.vocab_size, shape, generator=self.gen).to(self.device)
 
+    def use_kernels(self, kernels: str) -> None:
+        self.model.use_ops(get_ops(kernels, self.device))
+
     def free(self) -> None:
         gc.collect()
         if self.cuda:
@@ -190,7 +195,7 @@ class Bench:
         self.machine()
         R.log("building the model with random weights")
         self.model = random_model(self.args, self.device, self.dtype, self.max_len)
-        self.model.merge_projections()  # the separate matmuls stay available over the same storage: see unmerged()
+        merge_projections(self.model)  # the separate matmuls stay available over the same storage: see unmerged()
         with R.guard("hf.build", "correctness", "transformers model"):
             self.hf = transformers_model(self.model)  # after merging, so that it shares the merged storage
         self.correctness()
@@ -242,7 +247,7 @@ class Bench:
         with R.guard("correct.ours_vs_fp32", S, f"ours bf16 ({label}) vs our fp32"):
             if want is None:
                 raise RuntimeError("no fp32 reference (see the row above)")
-            model.use_kernels(self.fast)
+            self.use_kernels(self.fast)
             got = fast_logits(model, tokens, graph=self.cuda)
             hf_err = None
             if hf is not None:
@@ -276,7 +281,7 @@ class Bench:
             R.log(f"prefill of {ctx} tokens for the decode runs")
             prompt = self.randint(1, ctx)
             with torch.inference_mode():
-                model.use_kernels(self.fast)
+                self.use_kernels(self.fast)
                 prefill(model, cache, prompt)
             floor = R.value(f"floor.b1.ctx{ctx}")
             for name, label, kernels, graph, merged in self.VARIANTS:
@@ -285,7 +290,7 @@ class Bench:
                     R.add(key, S, label, None, "", NA_CUDA)
                     continue
                 with R.guard(key, S, label), torch.inference_mode():
-                    model.use_kernels(kernels)
+                    self.use_kernels(kernels)
                     with contextlib.nullcontext() if merged else unmerged(model):
                         rate = decode_rate(model, cache, 1, ctx, self.steps, self.warmup, self.runs, graph)
                     R.add(key, S, label, rate, "tok/s", _of_floor(rate, floor))
@@ -296,7 +301,7 @@ class Bench:
                 rate = hf_eager_rate(self.hf, prompt, self.steps, self.warmup, 1)
                 R.add(key, S, label, rate, "tok/s", f"MistralForCausalLM, sdpa, DynamicCache; {_of_floor(rate, floor)}")
             self.free()
-        model.use_kernels(self.fast)
+        self.use_kernels(self.fast)
 
     def targets(self) -> None:
         R, cuda = self.report, self.cuda
@@ -322,7 +327,7 @@ class Bench:
         for kernels in ("triton", "torch") if self.cuda else ("torch",):
             key, label = f"prefill.{kernels}", f"ours, {'Triton' if kernels == 'triton' else 'torch eager'}"
             with R.guard(key, S, label), torch.inference_mode():
-                model.use_kernels(kernels)
+                self.use_kernels(kernels)
                 zero = torch.zeros(1, dtype=torch.long, device=device)
                 model(prompt, zero, cache, last_only=True)  # warm-up
                 seconds = best_time(lambda: model(prompt, zero, cache, last_only=True), device, self.runs + 1)
@@ -331,7 +336,7 @@ class Bench:
                 R.add(key + ".tflops", S, f"{label}: TFLOP/s", cost.flops / seconds / 1e12, "TFLOP/s",
                       f"{cost.flops / 1e12:.3g} TFLOP (matmuls + causal attention); "
                       f"{100 * cost.flops / seconds / flops:.0f}% of the measured matmul rate{target}")
-        model.use_kernels(self.fast)
+        self.use_kernels(self.fast)
         del cache
         with R.guard("ttft", S, "time to first token"), torch.inference_mode():
             engine = Engine(model, max_batch=1, max_seq_len=PREFILL_TOKENS + 16)

@@ -69,7 +69,8 @@ def add_model_flags(p, *, device: str | None = None, dtype: str | None = None, k
                    help="the weights' dtype in memory"
                         + ("" if dtype else " (default: bfloat16 on CUDA, the checkpoint's own on the CPU)"))
     p.add_argument("--kernels", default=kernels, choices=["torch", "triton", "auto"],
-                   help="torch: the PyTorch ops; triton: the Triton kernels (CUDA); auto: triton on CUDA, else torch")
+                   help="which code computes the model's operations: torch = PyTorch's own operators (no custom "
+                        "kernels); triton = this project's fused Triton kernels (CUDA); auto = triton on CUDA, else torch")
     add_quantize_flag(p)
 
 

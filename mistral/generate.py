@@ -86,7 +86,9 @@ class Mistral:
     ) -> "Mistral":
         """Load a local weights folder, or download a Hub repo (one format only) and load it.
 
-        device: default "cuda" when available, else "cpu". dtype: default bfloat16 on CUDA, the
+        device: default "cuda" when available, else "cpu". kernels: which code computes the model's
+        operations: "torch" (PyTorch's own operators, no custom kernels), "triton" (the fused Triton
+        kernels, for CUDA) or "auto" (triton on CUDA, else torch). dtype: default bfloat16 on CUDA, the
         checkpoint's own dtype on CPU. max_seq_len: the KV cache's length per row (v0.3 reaches
         32768; 8192 x 8 rows of cache take 8 GiB in bf16). cuda_graphs: replay each decode step
         from a CUDA graph; default on for CUDA with the Triton kernels. compile: run each decode step through

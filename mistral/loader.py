@@ -32,6 +32,7 @@ from .args import ModelArgs
 from .devices import resolve_device
 from .errors import CheckpointError
 from .model import Ops, Transformer
+from .ops import get_ops
 from .progress import progress
 from .quantize import Quantization, QuantizedLoad
 
@@ -276,7 +277,7 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.init_freqs(device)
-    model.use_kernels(kernels)
+    model.use_ops(get_ops(kernels, device))
     model.eval()
     log.info("loaded %s (%s format, %d tensors) on %s", ckpt.folder, ckpt.format, len(state), device)
     return model

@@ -28,6 +28,7 @@ def cpu_name() -> str:
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 from .model import KVCache, Transformer
+from .ops import get_ops
 
 CORRECT_PROMPT, CORRECT_STEPS = 48, 8  # the correctness check: prompt length, teacher-forced decode steps
 
@@ -94,7 +95,7 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, max_
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.init_freqs(device)
-    return model.use_kernels(kernels).eval()
+    return model.use_ops(get_ops(kernels, device)).eval()
 
 
 def converted(model: Transformer, dtype: torch.dtype) -> Transformer:
@@ -105,7 +106,7 @@ def converted(model: Transformer, dtype: torch.dtype) -> Transformer:
     copy.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, strict=True, assign=True)
     copy.requires_grad_(False)
     copy.init_freqs(device)
-    return copy.use_kernels("torch").eval()
+    return copy.use_ops(get_ops("torch", device)).eval()
 
 
 def transformers_model(model: Transformer):
@@ -131,19 +132,6 @@ def transformers_model(model: Transformer):
             setattr(parent, name.rsplit(".", 1)[-1], type(module)(hf.config).to(device))
     hf.requires_grad_(False)
     return hf.eval()
-
-
-@contextlib.contextmanager
-def unmerged(model: Transformer):
-    """Run the three (and two) separate matmuls of unmerged projections, over the same storage."""
-    saved = [(layer.attention.wqkv, layer.feed_forward.w13) for layer in model.layers]
-    for layer in model.layers:
-        layer.attention.wqkv = layer.feed_forward.w13 = None
-    try:
-        yield model
-    finally:
-        for layer, (wqkv, w13) in zip(model.layers, saved):
-            layer.attention.wqkv, layer.feed_forward.w13 = wqkv, w13
 
 
 # ---------------------------------------------------------------------------------------------

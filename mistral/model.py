@@ -14,9 +14,12 @@ SwiGLU (Shazeer, 2020). Parameter names are the keys of the official `consolidat
 (`layers.0.attention.wq.weight`, `layers.0.feed_forward.w1.weight`, ...), so every tensor in the
 checkpoint maps to one line here.
 
-The arithmetic of the hot spots (norms, rotary embedding, attention, the SwiGLU gate) goes
-through `self.ops`, an `Ops` table: `TORCH_OPS` below is the plain-PyTorch definition that a
-reader should study; `kernels.TRITON_OPS` holds fused Triton kernels with the same signatures.
+Every forward has one path. The primitive operations (the matmul of a linear layer, the norms,
+rotary embedding, attention, the SwiGLU gate) go through `self.ops`, an `Ops` table: `TORCH_OPS`
+below is their plain-PyTorch definition, the one to study. Speed is applied from outside this file
+and never changes the arithmetic: `mistral/ops.py` swaps in other tables (CPU-tuned PyTorch, fused
+Triton kernels), `mistral/merged.py` merges projections, `mistral/quantize.py` and `mistral/tp.py`
+swap linear layers.
 """
 
 from __future__ import annotations
@@ -93,11 +96,6 @@ def attention(
     Each of the Hkv key/value heads serves H // Hkv query heads; `enable_gqa` broadcasts them instead
     of copying K/V. Cache slots beyond a row's position (not yet written, or stale) are masked out.
     """
-    if xq.device.type == "cpu" and xq.dtype != torch.float32:
-        # PyTorch's CPU attention kernel is several times slower in bf16/fp16 than in fp32 on CPUs
-        # without AMX (5x for a 0.5B model's decode step). Q, K and V of a step are small next to
-        # the weights, so attending in fp32 and rounding the output once is faster, and as exact.
-        return attention(xq.float(), keys.float(), values.float(), input_pos, sliding_window).type_as(xq)
     T, L = xq.shape[1], keys.shape[2]
     q_pos = input_pos[:, None] + torch.arange(T, device=xq.device)  # [B, T]
     k_pos = torch.arange(L, device=xq.device)  # [L]
@@ -115,39 +113,25 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weightᵀ: [..., in_features] -> [..., out_features] (Mistral's linear layers have no bias)."""
+    return F.linear(x, weight)
+
+
 @dataclass(frozen=True)
 class Ops:
-    """The model's primitive operations; a kernel backend supplies the same five functions."""
+    """The model's primitive operations: what a backend (mistral/ops.py) supplies, with these signatures."""
 
     name: str
+    linear: Callable
     rms_norm: Callable
     add_rms_norm: Callable
     apply_rotary_emb: Callable
     attention: Callable
     silu_mul: Callable
-    # Optional: apply_rotary_emb and KVCache.update in one pass, (xq, xk, xv, cos, sin, cache_k,
-    # cache_v, input_pos) -> rotated xq, the keys and values written straight to their cache slots.
-    # A backend without it gets the two steps above.
-    rotary_emb_to_cache: Callable | None = None
 
 
-TORCH_OPS = Ops("torch", rms_norm, add_rms_norm, apply_rotary_emb, attention, silu_mul)
-
-
-def get_ops(kernels: str | Ops, device: torch.device | str | None = None) -> Ops:
-    """`kernels`: "torch", "triton", or "auto" (Triton on CUDA devices, PyTorch elsewhere)."""
-    if isinstance(kernels, Ops):
-        return kernels
-    device = torch.device(device if device is not None else "cpu")
-    if kernels == "auto":
-        kernels = "triton" if device.type == "cuda" else "torch"
-    if kernels == "torch":
-        return TORCH_OPS
-    if kernels == "triton":
-        from ._kernels import triton_ops
-
-        return triton_ops()
-    raise ValueError(f"kernels must be 'torch', 'triton' or 'auto', got {kernels!r}")
+TORCH_OPS = Ops("torch", linear, rms_norm, add_rms_norm, apply_rotary_emb, attention, silu_mul)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,39 +195,15 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weightᵀ, with one CPU-only twist for decode speed: a product of a few rows (a decode step)
-    splits the weight's rows into blocks and runs them as one batched matmul.
-
-    Eager, in fp32: one block per thread. PyTorch computes a [1, K] x [K, N] fp32 product on a
-    single thread, which on a 2-core machine reads the weights at ~15 GB/s; two blocks read ~24 GB/s.
-    (In bf16 it already uses every core, through oneDNN, at 15-18 GB/s.)
-    Under torch.compile (the engine's `compile=True`), in any dtype: inductor turns a batched matmul
-    this small into one fused, vectorised reduction over all threads, which reads fp32 and bf16
-    weights alike at 28-31 GB/s on that machine, where its `F.linear` (an external GEMM call) reads
-    7-18 GB/s. Two blocks are as fast as or faster than one on every shape of the 0.5B model.
-    The path depends on the shapes, the dtype, the thread count and whether we are compiling, never
-    on values: within a run, a given product always takes the same path."""
-    if x.device.type == "cpu" and x.numel() <= 4 * x.shape[-1] and weight.is_contiguous():
-        if torch.compiler.is_compiling():
-            blocks = 2
-        else:
-            blocks = torch.get_num_threads() if x.dtype == torch.float32 else 1
-        if blocks > 1 and weight.shape[0] % blocks == 0:
-            x_blocks = x.reshape(1, -1, x.shape[-1]).expand(blocks, -1, -1)  # [blocks, M, K]
-            out = torch.bmm(x_blocks, weight.view(blocks, -1, weight.shape[1]).transpose(1, 2))  # [blocks, M, N / blocks]
-            return out.transpose(0, 1).reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
-
-
 class Linear(nn.Linear):
-    """nn.Linear without bias (Mistral has none), computed by `linear` above."""
+    """nn.Linear without bias (Mistral has none); its matmul is `ops.linear`."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.ops = TORCH_OPS
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features] -> [..., out_features]
+        return self.ops.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -253,8 +213,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.ops = TORCH_OPS
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x), or with a residual: (rms_norm(x + residual), x + residual), fused into one pass."""
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -267,7 +230,6 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
-        self.wqkv: torch.Tensor | None = None  # [(H + 2 Hkv) D, dim] once merged (see merge_projections)
         self.ops = TORCH_OPS
 
     def forward(
@@ -279,23 +241,19 @@ class Attention(nn.Module):
         cache: KVCache,
     ) -> torch.Tensor:  # [B, T, dim]
         B, T, _ = x.shape
-        if self.wqkv is not None:  # one matmul for all three (the weights are views of wqkv's rows)
-            q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            xq, xk, xv = linear(x, self.wqkv).split([q, kv, kv], dim=-1)
-        else:
-            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq, xk, xv = self.project_qkv(x)
         xq = xq.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
         xk = xk.view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         xv = xv.view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        if self.ops.rotary_emb_to_cache is not None:  # rotate and write K, V to the cache in one kernel
-            i = self.layer_id
-            xq = self.ops.rotary_emb_to_cache(xq, xk, xv, cos, sin, cache.k[i], cache.v[i], input_pos)
-            keys, values = cache.read(i)
-        else:
-            xq, xk = self.ops.apply_rotary_emb(xq, xk, cos, sin)
-            keys, values = cache.update(self.layer_id, input_pos, xk, xv)  # each [B, Hkv, L, D]
+        xq, xk = self.ops.apply_rotary_emb(xq, xk, cos, sin)
+        keys, values = cache.update(self.layer_id, input_pos, xk, xv)  # each [B, Hkv, L, D]
         out = self.ops.attention(xq, keys, values, input_pos, self.sliding_window)  # [B, T, H, D]
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, dim] -> xq [B, T, H·D], xk and xv [B, T, Hkv·D]. (mistral/merged.py can make the
+        three one matmul.)"""
+        return self.wq(x), self.wk(x), self.wv(x)
 
 
 class FeedForward(nn.Module):
@@ -304,15 +262,16 @@ class FeedForward(nn.Module):
         self.w1 = Linear(args.dim, args.hidden_dim)  # gate
         self.w2 = Linear(args.hidden_dim, args.dim)  # down
         self.w3 = Linear(args.dim, args.hidden_dim)  # up
-        self.w13: torch.Tensor | None = None  # [2 hidden_dim, dim] once merged (see merge_projections)
         self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, dim] -> [B, T, dim]
-        if self.w13 is not None:  # one matmul for both (the weights are views of w13's rows)
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.w2(self.ops.silu_mul(gate, up))  # hidden [B, T, hidden_dim]
+        gate, up = self.project_gate_up(x)  # each [B, T, hidden_dim]
+        return self.w2(self.ops.silu_mul(gate, up))
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T, dim] -> gate (w1) and up (w3), each [B, T, hidden_dim]. (mistral/merged.py can make
+        the two one matmul.)"""
+        return self.w1(x), self.w3(x)
 
 
 class TransformerBlock(nn.Module):
@@ -325,13 +284,12 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, input_pos, cos, sin, cache):  # x: [B, T, dim]
         r = self.attention(self.attention_norm(x), input_pos, cos, sin, cache)
-        # h = x + r and ffn_norm(h) in one pass (one fused kernel on the Triton backend)
-        normed, h = self.ffn_norm.ops.add_rms_norm(r, x, self.ffn_norm.weight, self.ffn_norm.eps)
+        normed, h = self.ffn_norm(r, residual=x)  # h = x + r and ffn_norm(h), in one pass
         return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, max_seq_len: int = 32768, kernels: str | Ops = "torch"):
+    def __init__(self, args: ModelArgs, max_seq_len: int = 32768, ops: Ops = TORCH_OPS):
         super().__init__()
         self.args = args
         self.max_seq_len = max_seq_len
@@ -342,32 +300,14 @@ class Transformer(nn.Module):
         cos, sin = precompute_freqs(args.head_dim, max_seq_len, args.rope_theta, device=self.output.weight.device)
         self.register_buffer("freqs_cos", cos, persistent=False)  # [max_seq_len, D/2] fp32
         self.register_buffer("freqs_sin", sin, persistent=False)
-        self.use_kernels(kernels)
+        self.use_ops(ops)
 
-    def use_kernels(self, kernels: str | Ops) -> "Transformer":
-        """Switch every module to the "torch", "triton" or "auto" backend."""
-        self.ops = get_ops(kernels, self.output.weight.device)
+    def use_ops(self, ops: Ops) -> "Transformer":
+        """Compute every module's primitive operations with `ops` (mistral/ops.py: `get_ops`)."""
+        self.ops = ops
         for module in self.modules():
             if hasattr(module, "ops"):
-                module.ops = self.ops
-        return self
-
-    def merge_projections(self) -> "Transformer":
-        """Store each layer's wq|wk|wv, and w1|w3, as one matrix, so that each group is one matmul.
-
-        At batch 1 a matmul is a read of its weights; one read of a [6144, 4096] matrix keeps the
-        GPU busier than three reads of [4096 | 1024 | 1024, 4096] (the small ones are too short to
-        reach full bandwidth), and is one launch instead of three. The parameters keep their names
-        and shapes: each becomes a view of its rows of the merged matrix, so `state_dict()` and the
-        checkpoint names are unchanged, and no memory is added. Call it once the model is on its
-        device and in its dtype: `.to()` would copy the views apart from the merged matrix.
-        """
-        for layer in self.layers:
-            attention, ff = layer.attention, layer.feed_forward
-            if attention.wqkv is None:
-                attention.wqkv = _merge_rows(attention.wq, attention.wk, attention.wv)
-            if ff.w13 is None:
-                ff.w13 = _merge_rows(ff.w1, ff.w3)
+                module.ops = ops
         return self
 
     def init_freqs(self, device=None) -> None:
@@ -403,14 +343,3 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h))  # [B, T, vocab_size]
-
-
-def _merge_rows(*linears: nn.Linear) -> torch.Tensor:
-    """Concatenate the weights' rows into one new matrix and make each weight a view of its rows."""
-    merged = torch.cat([linear.weight.detach() for linear in linears])  # [sum of out_features, in_features]
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight = nn.Parameter(merged[start : start + rows], requires_grad=False)  # the old copy is freed
-        start += rows
-    return merged

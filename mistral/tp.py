@@ -47,7 +47,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .errors import CheckpointError, MistralError
-from .model import Linear, Transformer, linear
+from .model import Linear, Transformer
 
 log = logging.getLogger("mistral")
 
@@ -83,7 +83,7 @@ class RowParallelLinear(Linear):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features / N] -> [..., out_features]
-        out = linear(x, self.weight)
+        out = self.ops.linear(x, self.weight)
         collective(dist.all_reduce, out, group=self.group)
         return out
 
@@ -97,7 +97,7 @@ class VocabParallelLinear(Linear):
         self.group, self.world = group, world
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., vocab_size]
-        part = linear(x, self.weight).contiguous()  # [..., vocab_size / N]
+        part = self.ops.linear(x, self.weight).contiguous()  # [..., vocab_size / N]
         parts = [torch.empty_like(part) for _ in range(self.world)]
         collective(dist.all_gather, parts, part, group=self.group)
         return torch.cat(parts, dim=-1)
@@ -153,7 +153,7 @@ class Shard:
                 ff.w2 = RowParallelLinear(local.hidden_dim, args.dim, self.group)
             model.output = VocabParallelLinear(args.dim, args.vocab_size // self.world, self.group, self.world)
         model.args = local
-        model.use_kernels(model.ops)  # the new modules take the model's kernels
+        model.use_ops(model.ops)  # the new modules take the model's operations
         return model
 
     def read(self, f, key: str, name: str, full_shape: tuple[int, ...], path: Path) -> torch.Tensor:

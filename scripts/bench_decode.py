@@ -9,7 +9,7 @@ For each size ("small": dim 256, 2 layers; "0.5b": dim 1536, 16 layers) and dtyp
                 `x [1, K] @ W [N, K]ᵀ` over the model's own matrices in the model's order, in the
                 dtype under test, from main memory (copies of the matrices when the model is smaller
                 than 256 MiB, so that none is still cached), best of several passes, and the fastest
-                of three ways: `F.linear`, the model's `linear`, and that `linear` compiled.
+                of three ways: `F.linear`, the CPU `linear` of mistral/ops.py, and that `linear` compiled.
   ours          `Engine` from `mistral/engine.py` (PyTorch ops), batch 1, greedy, 128 new tokens,
                 EOS ignored, twice: eager, and with `compile=True` (the decode step through
                 torch.compile; its compilation happens in a warm-up run and is reported apart).
@@ -51,7 +51,7 @@ from mistral.engine import Engine, GenerationParams, TokenEvent
 from mistral.loader import load_model
 from mistral.make_random import make_random
 from mistral.measure import cpu_name
-from mistral.model import linear
+from mistral.ops import cpu_linear as linear
 from mistral.tokenizer import Tokenizer
 
 PROMPT = "The weights of a language model are read once for every token it writes, so"
@@ -81,7 +81,7 @@ def weight_bytes_per_token(model) -> int:
 def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> dict[str, float]:
     """Bytes/s of a mat-vec `x [1, K] @ W [N, K]ᵀ` over the model's own matrices, in the model's order,
     from main memory: a decode step reduced to its matrix-vector products. Best of `passes`, for
-    each of three ways to compute it: "F.linear"; "linear", the model's eager `linear` (in fp32, one
+    each of three ways to compute it: "F.linear"; "linear", the eager CPU `linear` of mistral/ops.py (in fp32, one
     block of rows per thread); "compiled", that `linear` under torch.compile, as the engine's
     `compile=True` runs it, with the whole pass as one compiled call (so that no per-call cost
     counts). The floor is set by the fastest of the three: the fastest mat-vec we know here.

@@ -17,6 +17,7 @@ from mistral.args import preset
 from mistral.engine import Engine, GenerationParams
 from mistral.errors import RequestError
 from mistral.loader import load_model
+from mistral.ops import get_ops
 from mistral.make_random import make_random
 
 def _cpu_compile_works() -> str | None:
@@ -133,7 +134,7 @@ def test_compile_refuses_what_it_cannot_do(weights):
     model = load_model(weights, dtype=torch.float32, max_seq_len=SEQ, quiet=True)
     with pytest.raises(ValueError, match="compile=True and cuda_graphs=True"):
         Engine(model, compile=True, cuda_graphs=True)
-    model.use_kernels("triton")
+    model.use_ops(get_ops("triton"))
     with pytest.raises(ValueError, match="kernels='triton'"):
         Engine(model, compile=True)
 

@@ -101,7 +101,7 @@ def _counted_flops(model: Transformer, tokens: torch.Tensor, input_pos: int, cac
 @pytest.mark.parametrize("args", [preset("small"), ODD], ids=["small", "odd"])
 def test_flops_match_torch_flop_counter(args):
     # The explicit attention is made of matmuls, which the counter sees (fused SDPA it does not).
-    model = Transformer(args, max_seq_len=32).use_kernels(
+    model = Transformer(args, max_seq_len=32).use_ops(
         dataclasses.replace(TORCH_OPS, attention=lambda *a: explicit_attention(*a, record=lambda p: None))
     )
     cache = model.new_cache(1, 32)

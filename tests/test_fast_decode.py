@@ -17,6 +17,7 @@ from mistral.args import ModelArgs
 from mistral.cuda_graphs import batch_buckets, bucket_for
 from mistral.engine import Engine, FinishEvent, GenerationParams, TokenEvent
 from mistral.loader import load_model
+from mistral.merged import merge_projections, unmerged
 from mistral.make_random import make_random
 
 CUDA = torch.cuda.is_available()
@@ -74,12 +75,13 @@ def test_merged_projections_match_transformers(folders, oracle, kernels):
         pytest.importorskip("triton")
     model = load_model(folders[0], device=DEVICE, kernels=kernels, max_seq_len=64, quiet=True)
     names = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model.merge_projections()
+    merge_projections(model)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == names  # checkpoint names unchanged
     attention, ff = model.layers[1].attention, model.layers[1].feed_forward
-    assert attention.wqkv.shape == (ARGS.n_heads * ARGS.head_dim + 2 * ARGS.n_kv_heads * ARGS.head_dim, ARGS.dim)
-    assert attention.wk.weight.data_ptr() == attention.wqkv[ARGS.n_heads * ARGS.head_dim :].data_ptr()  # a view
-    assert ff.w3.weight.data_ptr() == ff.w13[ARGS.hidden_dim :].data_ptr()
+    wqkv, w13 = attention.project_qkv.weight, ff.project_gate_up.weight
+    assert wqkv.shape == (ARGS.n_heads * ARGS.head_dim + 2 * ARGS.n_kv_heads * ARGS.head_dim, ARGS.dim)
+    assert attention.wk.weight.data_ptr() == wqkv[ARGS.n_heads * ARGS.head_dim :].data_ptr()  # a view
+    assert ff.w3.weight.data_ptr() == w13[ARGS.hidden_dim :].data_ptr()
 
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 13), generator=g)
@@ -91,6 +93,10 @@ def test_merged_projections_match_transformers(folders, oracle, kernels):
     for t in range(9, 13):
         step = model(tokens[:, t : t + 1].to(DEVICE), torch.tensor([t, t], device=DEVICE), cache)
     assert rel_err(step[:, -1].cpu(), expected[:, -1]) <= 1e-5
+    with unmerged(model):  # the separate matmuls again, over the same storage
+        assert not isinstance(attention.project_qkv, torch.nn.Module)
+        assert rel_err(model(tokens.to(DEVICE)).cpu(), expected) <= 1e-5
+    assert attention.project_qkv.weight is wqkv
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

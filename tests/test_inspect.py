@@ -59,7 +59,7 @@ def test_recording_reproduces_the_normal_forward_and_leaves_no_trace(setup):
     torch.testing.assert_close(t.lens_probs[-1], normal.softmax(-1).topk(3).values, atol=1e-6, rtol=0)
     # The normal path is back to what it was: the same ops everywhere, no hooks left behind.
     for module in model.modules():
-        assert getattr(module, "ops", TORCH_OPS) is TORCH_OPS
+        assert getattr(module, "ops", model.ops) is model.ops
         assert not module._forward_hooks and not module._forward_pre_hooks
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,16 +19,18 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.prefill_attention import prefill_attention  # noqa: E402
 from kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: E402
-from kernels.rope import apply_rotary_emb, apply_rotary_emb_to_cache  # noqa: E402
+from kernels.rope import apply_rotary_emb  # noqa: E402
 from kernels.swiglu import silu_mul  # noqa: E402
 from mistral import model as reference  # noqa: E402  (TORCH_OPS: the plain PyTorch definitions)
 from mistral.args import ModelArgs  # noqa: E402
 from mistral.loader import load_model  # noqa: E402
 from mistral.make_random import make_random  # noqa: E402
+from mistral.ops import triton_ops  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CPU = not torch.cuda.is_available()
 DEVICE = "cpu" if CPU else "cuda"
@@ -127,26 +130,6 @@ def test_apply_rotary_emb(T, H, Hkv, D, dtype):
     assert_close(k, rotate_complex(xk, angles), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_apply_rotary_emb_to_cache(dtype):
-    """The rotated keys and the values land in rows 0..B-1 at input_pos[b] + t, and nowhere else."""
-    B, T, H, Hkv, D, S = 2, 5, 4, 2, 16, 12
-    xq, xk, cos, sin, angles = rotary_inputs(B, T, H, Hkv, D, dtype)
-    xv = randn(B, T, Hkv, D, dtype=dtype, seed=3)
-    cache_k, cache_v = poisoned((3, Hkv, S, D), dtype), poisoned((3, Hkv, S, D), dtype)
-    input_pos = torch.tensor([0, 7], device=DEVICE)
-    q = apply_rotary_emb_to_cache(xq, xk, xv, cos, sin, cache_k, cache_v, input_pos, out_q=poisoned(xq.shape, dtype))
-    assert_close(q, rotate_complex(xq, angles), dtype)
-    k_rot = rotate_complex(xk, angles)
-    written = torch.zeros(3, S, dtype=torch.bool, device=DEVICE)
-    for b in range(B):
-        p = int(input_pos[b])
-        assert_close(cache_k[b, :, p : p + T], k_rot[b].transpose(0, 1), dtype)
-        torch.testing.assert_close(cache_v[b, :, p : p + T], xv[b].transpose(0, 1), rtol=0, atol=0)  # a copy
-        written[b, p : p + T] = True
-    assert cache_k.isnan().all(dim=(1, 3))[~written].all() and cache_v.isnan().all(dim=(1, 3))[~written].all()
-
-
 # ---------------------------------------------------------------------------------------------
 # Attention: decode (one token per row) and prefill (many), over a strided view of a larger cache
 # ---------------------------------------------------------------------------------------------
@@ -236,8 +219,8 @@ def test_prefill_attention_head_groups_and_odd_head_dim():
 
 
 def test_ops_table_dispatches_attention_by_length():
-    """TRITON_OPS.attention: decode for one new token, prefill for more; both match the reference."""
-    ops = kernels.TRITON_OPS
+    """The Triton table's attention: decode for one new token, prefill for more; both match the reference."""
+    ops = triton_ops()
     assert ops.name == "triton" and ops.rms_norm is rms_norm and ops.silu_mul is silu_mul
     keys, values = randn(2, 2, 30, 16, seed=1), randn(2, 2, 30, 16, seed=2)
     for T, input_pos in ((1, [29, 4]), (6, [24, 0])):
@@ -292,6 +275,15 @@ def test_import_kernels_does_not_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_kernels_import_nothing_of_mistral():
+    """Every kernel module, and the compile check, import without the `mistral` package."""
+    modules = ["kernels." + p.stem for p in (ROOT / "kernels").glob("*.py") if p.stem != "__init__"]
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'mistral'], 'mistral was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, cwd=ROOT,
+                   env={**os.environ, "TRITON_INTERPRET": "1"})
+
+
 def test_kernels_compile_for_h100():
     """The interpreter never runs triton's GPU compiler: compile every kernel for sm_90 (H100) at
     Mistral-7B shapes, through ptxas, on this machine (see kernels/compile_check.py)."""
@@ -333,7 +325,7 @@ def test_model_on_triton_kernels(config, tmp_path):
     oracle = MistralForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
     triton_model = load_model(folder, device=DEVICE, kernels="triton", max_seq_len=64, quiet=True)
     torch_model = load_model(folder, device=DEVICE, kernels="torch", max_seq_len=64, quiet=True)
-    assert triton_model.ops is kernels.TRITON_OPS and triton_model.layers[0].attention.ops is kernels.TRITON_OPS
+    assert triton_model.ops is triton_ops() and triton_model.layers[0].attention.ops is triton_ops()
 
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, args.vocab_size, (2, 17), generator=g).to(DEVICE)  # 17 > the window of 7
@@ -411,7 +403,7 @@ def test_gpu_model_runs_the_triton_kernels(tmp_path):
     folder = make_random(tmp_path, args, "consolidated", "bfloat16", seed=3, tokenizer=False)
     triton_model = load_model(folder, device="cuda", kernels="triton", max_seq_len=1024, quiet=True)
     torch_model = load_model(folder, device="cuda", kernels="torch", max_seq_len=1024, quiet=True)
-    assert load_model(folder, device="cuda", kernels="auto", max_seq_len=64, quiet=True).ops is kernels.TRITON_OPS
+    assert load_model(folder, device="cuda", kernels="auto", max_seq_len=64, quiet=True).ops is triton_ops()
     tokens = torch.randint(0, args.vocab_size, (2, 200), device="cuda")
     caches = {m: m.new_cache(2, 256) for m in (triton_model, torch_model)}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -27,8 +27,8 @@ def test_distribution_name_is_our_own():
 def test_a_foreign_kernels_package_is_refused(tmp_path):
     impostor = tmp_path / "kernels"
     impostor.mkdir()
-    (impostor / "__init__.py").write_text("TRITON_OPS = 'someone else'\n")
-    code = "from mistral.model import get_ops\nget_ops('triton')\n"
+    (impostor / "__init__.py").write_text("rms_norm = 'someone else'\n")
+    code = "from mistral.ops import get_ops\nget_ops('triton')\n"
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode != 0

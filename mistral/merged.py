@@ -1,0 +1,68 @@
+"""Merged projections: each layer's wq|wk|wv, and w1|w3, computed as one matmul.
+
+At batch 1 a matmul is a read of its weights; one read of a [6144, 4096] matrix keeps a GPU busier
+than three reads of [4096 | 1024 | 1024, 4096] (the small ones are too short to reach full
+bandwidth), and is one launch instead of three. Applied from outside the model: `merge_projections`
+gives each layer's attention and feed-forward a `MergedProjection` that stands in for its
+`project_qkv` / `project_gate_up` method. The parameters keep their names and shapes: each becomes a view of its rows
+of the merged matrix, so `state_dict()` and the checkpoint names are unchanged and no memory is added.
+Call it once the model is on its device and in its dtype: `.to()` would copy the views apart from the
+merged matrix. `unmerged(model)` runs the separate matmuls again, over the same storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .model import TORCH_OPS, Linear, Transformer
+
+
+class MergedProjection(nn.Module):
+    """x @ [w_a | w_b | ...]ᵀ as one matmul, split back into each projection's output."""
+
+    def __init__(self, *linears: Linear):
+        super().__init__()
+        for linear in linears:
+            if type(linear) is not Linear:
+                raise TypeError(f"only plain Linear layers merge, got {type(linear).__name__} (a quantized or sharded model?)")
+        merged = torch.cat([linear.weight.detach() for linear in linears])  # [sum of out_features, in_features]
+        self.sizes = [linear.weight.shape[0] for linear in linears]
+        start = 0
+        for linear, rows in zip(linears, self.sizes):
+            linear.weight = nn.Parameter(merged[start : start + rows], requires_grad=False)  # the old copy is freed
+            start += rows
+        self.register_buffer("weight", merged, persistent=False)  # not a checkpoint tensor
+        self.ops = linears[0].ops if hasattr(linears[0], "ops") else TORCH_OPS
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # [..., in] -> one [..., out_i] per projection
+        return self.ops.linear(x, self.weight).split(self.sizes, dim=-1)
+
+
+def merge_projections(model: Transformer) -> Transformer:
+    """Merge every layer's wq|wk|wv and w1|w3, in place (see the module's docstring)."""
+    for layer in model.layers:
+        for module, method, linears in ((layer.attention, "project_qkv", ("wq", "wk", "wv")),
+                                        (layer.feed_forward, "project_gate_up", ("w1", "w3"))):
+            if method not in module.__dict__:
+                merged = MergedProjection(*(getattr(module, name) for name in linears))
+                module.add_module(f"merged_{method}", merged)  # a submodule: `use_ops` reaches it
+                module.__dict__[method] = merged  # an instance attribute comes before the class's method
+    return model
+
+
+@contextlib.contextmanager
+def unmerged(model: Transformer):
+    """Inside the block, a merged model runs its three (and two) separate matmuls, over the same storage."""
+    saved = []
+    for layer in model.layers:
+        for module, method in ((layer.attention, "project_qkv"), (layer.feed_forward, "project_gate_up")):
+            saved.append((module, method, module.__dict__.pop(method, None)))  # back to the class's method
+    try:
+        yield model
+    finally:
+        for module, method, merged in saved:
+            if merged is not None:
+                module.__dict__[method] = merged
