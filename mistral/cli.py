@@ -620,7 +620,7 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(a) -> None:
-    from .bench import main as bench_main
+    from .bench.command import main as bench_main
 
     bench_main(a)
 

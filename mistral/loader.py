@@ -91,6 +91,28 @@ def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rotary_heads(name: str, args: ModelArgs) -> int | None:
+    """The heads whose rows the Hugging Face layout permutes in tensor `name` (ours): wq's query
+    heads and wk's key/value heads, the two inputs of the rotary embedding; None for every other tensor."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+def to_hf_layout(name: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Tensor `name` (ours) with its rows as a Hugging Face checkpoint stores them."""
+    heads = rotary_heads(name, args)
+    return t if heads is None else permute_for_hf(t, heads)
+
+
+def from_hf_layout(name: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """The inverse of `to_hf_layout`: a Hugging Face checkpoint's tensor with its rows as ours."""
+    heads = rotary_heads(name, args)
+    return t if heads is None else unpermute_from_hf(t, heads)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """What a weights folder holds: its format, its hyper-parameter file and its tensor files."""
@@ -246,9 +268,8 @@ def load_model(
                                           "this loader reads float32, bfloat16 and float16 checkpoints")
                 if not state:  # the first tensor tells the file's dtype: will the copies fit?
                     _check_memory(ckpt.folder, expected, tensor.dtype, dtype or tensor.dtype, device)
-                if ckpt.format == HF and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                    n = model.args.n_heads if name.endswith("wq.weight") else model.args.n_kv_heads
-                    tensor = unpermute_from_hf(tensor, n)
+                if ckpt.format == HF:
+                    tensor = from_hf_layout(name, tensor, model.args)
                 # On CPU with the file's own dtype this is no copy: the parameter maps the file.
                 file_dtype = tensor.dtype
                 tensor = tensor.to(device=device, dtype=(dtype or tensor.dtype) if tensor.is_floating_point() else None)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .args import ModelArgs
-from .loader import CONSOLIDATED, HF, as_dtype, mistral_to_hf_name, permute_for_hf
+from .args import ModelArgs, preset
+from .loader import CONSOLIDATED, HF, as_dtype, mistral_to_hf_name, to_hf_layout
+from .model import Transformer
+from .ops import get_ops
 from .progress import progress
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -44,10 +46,25 @@ def tensor_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, std: float) -> torch.Tensor:
-    if name.endswith("norm.weight"):  # near one, but not one, so that a forgotten norm weight shows
-        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-    return std * torch.randn(shape, generator=gen)
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, std: float = 0.02) -> torch.Tensor:
+    """The random weights of every checkpoint made here, fp32 on the generator's device: N(0, std²)
+    matrices, and norm weights near one, but not one, so that a forgotten norm weight shows."""
+    t = torch.randn(shape, generator=gen, device=gen.device)
+    return 1.0 + 0.1 * t if name.endswith("norm.weight") else std * t
+
+
+def random_model(args: ModelArgs, device: torch.device | str, dtype: torch.dtype, max_seq_len: int,
+                 seed: int = 0, kernels: str = "torch") -> Transformer:
+    """The model with random weights made directly on `device` (for a benchmark that should not
+    write 14.5 GB first): the weights of `random_tensor`, from a generator on that device."""
+    with torch.device("meta"):
+        model = Transformer(args, max_seq_len=max_seq_len)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {name: random_tensor(name, tuple(p.shape), gen).to(dtype) for name, p in model.state_dict().items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    model.init_freqs(device)
+    return model.use_ops(get_ops(kernels, device)).eval()
 
 
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, make) -> None:
@@ -110,7 +127,7 @@ def make_random(
 
     def make(name: str) -> torch.Tensor:
         bar.update(1)
-        return _random_tensor(name, shapes[name], gen, std)
+        return random_tensor(name, shapes[name], gen, std)
 
     if fmt == CONSOLIDATED:
         (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
@@ -120,12 +137,7 @@ def make_random(
 
         def make_hf(hf_name: str) -> torch.Tensor:
             name = hf_names[hf_name]
-            t = make(name)
-            if name.endswith("attention.wq.weight"):
-                t = permute_for_hf(t, args.n_heads)
-            elif name.endswith("attention.wk.weight"):
-                t = permute_for_hf(t, args.n_kv_heads)
-            return t
+            return to_hf_layout(name, make(name), args)
 
         hf_names = {mistral_to_hf_name(n): n for n in shapes}
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -155,3 +167,16 @@ def make_random(
     if source is not None:
         shutil.copyfile(source, out / "tokenizer.model.v3")
     return out
+
+
+def random_checkpoints(cache: str | Path, preset_name: str, seed: int = 0) -> tuple[Path, Path]:
+    """One random fp32 model of a preset in both formats, `{cache}/{preset}-consolidated` and
+    `{cache}/{preset}-hf` (the same seed: the same model), each written only if not already there:
+    the pair the benchmarks run ours and a peer (transformers, llama.cpp) on."""
+    folders = []
+    for fmt, marker in ((CONSOLIDATED, "consolidated.safetensors"), (HF, "model.safetensors")):
+        folder = Path(cache) / f"{preset_name}-{fmt}"
+        if not (folder / marker).exists():
+            make_random(folder, preset(preset_name), fmt=fmt, dtype=torch.float32, seed=seed)
+        folders.append(folder)
+    return folders[0], folders[1]

@@ -46,11 +46,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mistral.args import preset
-from mistral.engine import Engine, GenerationParams, TokenEvent
+from mistral.bench.timing import best_time, cpu_name, decode_rates, load_average, stamp_tokens, weight_bytes_per_token
+from mistral.engine import Engine
 from mistral.loader import load_model
-from mistral.make_random import make_random
-from mistral.measure import cpu_name
+from mistral.make_random import random_checkpoints
 from mistral.ops import cpu_linear as linear
 from mistral.tokenizer import Tokenizer
 
@@ -58,24 +57,7 @@ PROMPT = "The weights of a language model are read once for every token it write
 NEW_TOKENS = 128
 
 
-def ensure_checkpoints(cache: Path, size: str) -> tuple[Path, Path]:
-    """The Mistral-format and the Hugging Face-format copy of one random model (same seed)."""
-    folders = {}
-    for fmt, marker in (("consolidated", "consolidated.safetensors"), ("hf", "model.safetensors")):
-        folder = cache / f"{size}-{fmt}"
-        if not (folder / marker).exists():
-            print(f"writing {folder} ...", flush=True)
-            make_random(folder, preset(size), fmt=fmt, dtype=torch.float32, seed=0)
-        folders[fmt] = folder
-    return folders["consolidated"], folders["hf"]
-
-
 # --- the floor ---------------------------------------------------------------------------------------
-
-
-def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: everything but the embedding table (one row of it)."""
-    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name != "tok_embeddings.weight")
 
 
 def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> dict[str, float]:
@@ -112,16 +94,8 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> di
     compiled = torch.compile(all_matrices, fullgraph=True, dynamic=False)  # static shapes for every model
     ways = {"F.linear": one_by_one(F.linear), "linear": one_by_one(linear),
             "compiled": lambda: compiled(xs, matrices)}
-    rates = {}
-    with torch.inference_mode():
-        for name, run in ways.items():
-            best = float("inf")
-            for _ in range(passes + 1):  # the first pass is a warm-up (and the compilation)
-                start = time.perf_counter()
-                run()
-                best = min(best, time.perf_counter() - start)
-            rates[name] = copies * size / best
-    return rates
+    with torch.inference_mode():  # one pass more than `passes`: the first is a warm-up (and the compilation)
+        return {name: copies * size / best_time(run, "cpu", passes + 1) for name, run in ways.items()}
 
 
 def machine_bandwidth(nbytes: int = 400 * 2**20, passes: int = 5) -> tuple[float, float, float]:
@@ -144,12 +118,7 @@ def machine_bandwidth(nbytes: int = 400 * 2**20, passes: int = 5) -> tuple[float
 
     def rate(fn) -> float:
         fn()
-        best = float("inf")
-        for _ in range(passes):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return W.numel() * 4 / best
+        return W.numel() * 4 / best_time(fn, "cpu", passes)
 
     with ThreadPoolExecutor(1) as pool, torch.inference_mode():
         return rate(W.sum), rate(lambda: F.linear(x, W)), rate(halves)
@@ -160,15 +129,7 @@ def machine_bandwidth(nbytes: int = 400 * 2**20, passes: int = 5) -> tuple[float
 
 def our_decode(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[list[float], list[int]]:
     """(the time each token arrived, the tokens): greedy, EOS ignored, batch 1."""
-    stamps: list[tuple[float, int]] = []
-
-    def emit(event) -> None:
-        if isinstance(event, TokenEvent):
-            stamps.append((time.perf_counter(), event.token))
-
-    params = GenerationParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    engine.add(prompt, params, emit)
-    engine.run_until_idle()
+    stamps = stamp_tokens(engine, prompt, new_tokens)
     assert len(stamps) == new_tokens, f"expected {new_tokens} tokens, got {len(stamps)}"
     return [t for t, _ in stamps], [token for _, token in stamps]
 
@@ -216,7 +177,7 @@ def load_hf(folder: Path, dtype: torch.dtype):
 
 
 def bench(size: str, dtype: torch.dtype, cache: Path, runs: int, new_tokens: int, with_hf: bool) -> dict:
-    ours_folder, hf_folder = ensure_checkpoints(cache, size)
+    ours_folder, hf_folder = random_checkpoints(cache, size)
     model = load_model(ours_folder, device="cpu", dtype=dtype, kernels="torch", max_seq_len=512, quiet=True)
     tokenizer = Tokenizer.from_path(ours_folder)
     prompt = tokenizer.encode(PROMPT, bos=True)
@@ -252,14 +213,6 @@ def bench(size: str, dtype: torch.dtype, cache: Path, runs: int, new_tokens: int
     return row
 
 
-def decode_rates(runs: list[list[float]]) -> tuple[float, float]:
-    """Tokens/s of the best run (first token to last), and 1 / the median gap between tokens over
-    all runs: the rate of an undisturbed step, which a busy neighbour's bursts barely move."""
-    best = max((len(t) - 1) / (t[-1] - t[0]) for t in runs)
-    gaps = sorted(b - a for t in runs for a, b in zip(t, t[1:]))
-    return best, 1 / gaps[len(gaps) // 2]
-
-
 def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
@@ -275,7 +228,7 @@ def main() -> None:
     a = p.parse_args()
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {datetime.date.today()}; load average {_load()}", flush=True)
+          f"{torch.get_num_threads()} threads, {datetime.date.today()}; load average {load_average()}", flush=True)
     total, one, two = machine_bandwidth()
     print(f"fp32 reads from memory: torch.sum {total / 1e9:.1f} GB/s, F.linear mat-vec {one / 1e9:.1f} GB/s, "
           f"the same split over two threads {two / 1e9:.1f} GB/s", flush=True)
@@ -300,7 +253,7 @@ def main() -> None:
             bw = ", ".join(f"{way} {rate / 1e9:.1f}" for way, rate in row["bandwidth"].items())
             print(f"{line}  ({time.perf_counter() - start:.0f} s)\n    mat-vec GB/s: {bw}", flush=True)
 
-    print(f"\nload average at the end: {_load()} (other processes on the machine slow every column)")
+    print(f"\nload average at the end: {load_average()} (other processes on the machine slow every column)")
     print("| size | dtype | weights read / token | mat-vec bandwidth (way) | floor | ours eager, best run (% of floor) "
           "| ours compiled, best run (% of floor) | transformers eager, best run | compiled / transformers "
           "| median step: eager / compiled / transformers | same greedy tokens (eager, compiled) |")
@@ -317,10 +270,6 @@ def main() -> None:
               f"| {r['eager_median']:.1f} / {r['compiled_median']:.1f} / {hf_median} tok/s "
               f"| {r.get('eager_match', '-')}, {r.get('compiled_match', '-')} |")
     sys.exit(1 if mismatch else 0)
-
-
-def _load() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Mistral-7B shapes (dim 4096, 32 query heads, 8 KV heads, head_dim 128, hidden 14
 Every op but prefill attention moves many bytes per FLOP, so each is judged by its achieved
 bandwidth against what this GPU can do:
 
-  copy GB/s     `dst.copy_(src)` of 1 GiB: 2 GiB moved per copy, best of several. The ceiling.
+  copy GB/s     `dst.copy_(src)` of 1 GiB: 2 GiB moved per copy, best of several (mistral/bench/timing.py). The ceiling.
   bytes         What the op must read and write at least: inputs once, outputs once (for attention:
                 the visible keys and values of every row, the queries and the output).
   GB/s, % copy  bytes / time for each implementation.
@@ -30,14 +30,6 @@ import torch
 
 H, HKV, D, DIM, HIDDEN = 32, 8, 128, 4096, 14336  # Mistral-7B
 BF16 = torch.bfloat16
-
-
-def copy_bandwidth(do_bench) -> float:
-    """GB/s of a device-to-device copy of 1 GiB (read + write counted)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), quantiles=[0.2])  # a fast quantile: the achievable rate
-    return 2 * src.numel() / ms / 1e6
 
 
 def cases(quick: bool):
@@ -94,8 +86,10 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench
 
+    from mistral.bench.timing import copy_bandwidth
+
     props = torch.cuda.get_device_properties(0)
-    copy = copy_bandwidth(do_bench)
+    copy = copy_bandwidth("cuda") / 1e9
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}")
     print(f"copy bandwidth: {copy:.0f} GB/s\n")
     print("| op | shape | Triton | PyTorch | torch.compile | Triton vs PyTorch |")

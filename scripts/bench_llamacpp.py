@@ -41,11 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import matvec_bandwidth  # noqa: E402
 
-from mistral.args import preset  # noqa: E402
-from mistral.engine import Engine, GenerationParams, TokenEvent  # noqa: E402
+from mistral.bench.timing import cpu_name, stamp_tokens, weight_bytes_per_token  # noqa: E402
+from mistral.engine import Engine  # noqa: E402
 from mistral.loader import load_model  # noqa: E402
-from mistral.make_random import make_random  # noqa: E402
-from mistral.measure import cpu_name  # noqa: E402
+from mistral.make_random import random_checkpoints  # noqa: E402
 from mistral.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "The weights of a language model are read once for every token it writes, so"
@@ -129,29 +128,14 @@ def llama_greedy_text(bin_dir: Path, gguf: Path, n: int) -> str:
 
 def ensure_checkpoints(cache: Path, size: str) -> tuple[Path, Path]:
     """The same random fp32 model in both formats; the HF copy with the tokenizer as `tokenizer.model`."""
-    folders = {}
-    for fmt, marker in (("consolidated", "consolidated.safetensors"), ("hf", "model.safetensors")):
-        folder = folders[fmt] = cache / "models" / f"{size}-{fmt}"
-        if not (folder / marker).exists():
-            make_random(folder, preset(size), fmt=fmt, dtype=torch.float32, seed=0)
-    if not (folders["hf"] / "tokenizer.model").exists():
-        shutil.copyfile(folders["hf"] / "tokenizer.model.v3", folders["hf"] / "tokenizer.model")
-    return folders["consolidated"], folders["hf"]
-
-
-def step_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if name != "tok_embeddings.weight")
+    ours, hf = random_checkpoints(cache / "models", size)
+    if not (hf / "tokenizer.model").exists():
+        shutil.copyfile(hf / "tokenizer.model.v3", hf / "tokenizer.model")
+    return ours, hf
 
 
 def our_decode(engine: Engine, prompt: list[int], n: int) -> tuple[float, list[int]]:
-    stamps: list[tuple[float, int]] = []
-
-    def emit(event) -> None:
-        if isinstance(event, TokenEvent):
-            stamps.append((time.perf_counter(), event.token))
-
-    engine.add(prompt, GenerationParams(max_tokens=n, temperature=0.0, ignore_eos=True), emit)
-    engine.run_until_idle()
+    stamps = stamp_tokens(engine, prompt, n)
     return (n - 1) / (stamps[-1][0] - stamps[0][0]), [token for _, token in stamps]
 
 
@@ -252,7 +236,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for label in a.precisions:
         gtype = PRECISIONS[label][2]
-        floor_ours = bandwidth / step_bytes(models[label])
+        floor_ours = bandwidth / weight_bytes_per_token(models[label])
         floor_theirs = bandwidth / gguf_step_bytes(ggufs[gtype], src)
         d_ours, d_theirs = best[(label, "decode", "ours")], best[(label, "decode", "llama.cpp")]
         p_ours, p_theirs = best[(label, "prefill", "ours")], best[(label, "prefill", "llama.cpp")]

@@ -33,7 +33,7 @@ import torch
 from mistral import Mistral
 from mistral.args import preset
 from mistral.make_random import make_random, v3_tokenizer_file
-from mistral.measure import cpu_name
+from mistral.bench.timing import cpu_name
 from mistral.tokenizer import Tokenizer
 
 MESSAGES = [{"role": "user", "content": "Write a long story as JSON."}]

@@ -84,7 +84,8 @@ def collectives(args, shard) -> dict:
 
 def worker(a) -> None:
     from mistral import tp
-    from mistral.engine import Engine, GenerationParams, TokenEvent
+    from mistral.bench.timing import decode_rates, stamp_tokens
+    from mistral.engine import Engine
     from mistral.loader import find_checkpoint, load_model
 
     args = find_checkpoint(a.weights).args()
@@ -96,18 +97,10 @@ def worker(a) -> None:
     engine = Engine(model, max_batch=1, max_seq_len=512)
     prompt = torch.randint(3, args.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
 
-    def generate(n: int) -> list[tuple[float, int]]:
-        stamps: list[tuple[float, int]] = []
-        engine.add(prompt, GenerationParams(max_tokens=n, temperature=0.0, ignore_eos=True),
-                   lambda e: stamps.append((time.perf_counter(), e.token)) if isinstance(e, TokenEvent) else None)
-        engine.run_until_idle()
-        return stamps
-
-    generate(4)  # first-call allocations
-    stamps = generate(a.tokens)
-    gaps = [b[0] - a_[0] for a_, b in zip(stamps, stamps[1:])]
-    figures.update(tokens=[t for _, t in stamps], tok_s=(len(stamps) - 1) / (stamps[-1][0] - stamps[0][0]),
-                   median_step_s=statistics.median(gaps))
+    stamp_tokens(engine, prompt, 4)  # first-call allocations
+    stamps = stamp_tokens(engine, prompt, a.tokens)
+    tok_s, median_rate = decode_rates([[t for t, _ in stamps]])
+    figures.update(tokens=[token for _, token in stamps], tok_s=tok_s, median_step_s=1 / median_rate)
     Path(a.out).write_text(json.dumps(figures))
 
 
@@ -127,7 +120,7 @@ def main() -> int:
 
     from mistral.args import preset
     from mistral.make_random import make_random
-    from mistral.measure import cpu_name
+    from mistral.bench.timing import cpu_name
 
     weights = a.cache / f"{a.preset}-float32-consolidated"
     if not (weights / "params.json").exists():

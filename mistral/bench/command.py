@@ -50,15 +50,16 @@ from pathlib import Path
 
 import torch
 
-from .args import ModelArgs, preset
-from .describe import GPU, decode_cost, prefill_cost
-from .devices import resolve_device
-from .engine import Engine, GenerationParams, TokenEvent, _bucket
-from .measure import (CORRECT_PROMPT, CORRECT_STEPS, best_time, copy_bandwidth, cpu_name, decode_rate, fast_logits,
-                      fp32_references, hf_compiled_rates, hf_eager_rate, matmul_rate, prefill, random_model,
-                      transformers_model)
-from .merged import merge_projections, unmerged
-from .ops import get_ops
+from ..args import ModelArgs, preset
+from ..describe import GPU, decode_cost, prefill_cost
+from ..devices import resolve_device
+from ..engine import Engine, _bucket
+from ..make_random import random_model
+from ..merged import merge_projections, unmerged
+from ..ops import get_ops
+from .steps import CORRECT_PROMPT, CORRECT_STEPS, decode_rate, fast_logits, prefill
+from .timing import best_time, copy_bandwidth, cpu_name, matmul_rate, stamp_tokens
+from .transformers_peer import fp32_references, hf_compiled_rates, hf_eager_rate, transformers_model
 
 NA_CUDA = "n/a (needs CUDA)"
 CONTEXTS = (128, 4096)  # batch-1 decode starts after this many positions
@@ -342,12 +343,9 @@ class Bench:
             engine = Engine(model, max_batch=1, max_seq_len=PREFILL_TOKENS + 16)
             ids, seconds = prompt[0].tolist(), []
             for _ in range(self.runs + 1):  # the first is a warm-up
-                stamps: list[float] = []
                 start = time.perf_counter()
-                engine.add(ids, GenerationParams(max_tokens=1, temperature=0.0),
-                           lambda e: stamps.append(time.perf_counter()) if isinstance(e, TokenEvent) else None)
-                engine.run_until_idle()
-                seconds.append(stamps[0] - start)
+                (first, _), = stamp_tokens(engine, ids, 1)
+                seconds.append(first - start)
             R.add("ttft", S, "time to first token", min(seconds[1:]) * 1e3, "ms",
                   f"{PREFILL_TOKENS}-token prompt through Engine ({'Triton' if self.cuda else 'PyTorch'} prefill): "
                   "prompt ids in, first sampled id on the host")
@@ -358,17 +356,10 @@ class Bench:
         R, S = self.report, "engine"
         with R.guard("engine.b1", S, "Engine, batch 1, streaming"), torch.inference_mode():
             engine = Engine(self.model, max_batch=1, max_seq_len=256 + self.steps + self.warmup)
-            ids, stamps = self.randint(128).tolist(), []
-
-            def emit(e) -> None:
-                if isinstance(e, TokenEvent):
-                    stamps.append(time.perf_counter())
-
-            for n in (self.warmup + 1, self.steps + 1):  # a warm-up (it captures the graph), then the timed run
-                stamps.clear()
-                engine.add(ids, GenerationParams(max_tokens=n, temperature=0.0, ignore_eos=True), emit)
-                engine.run_until_idle()
-            rate = self.steps / (stamps[-1] - stamps[0])  # from the first token (prefill's) to the last
+            ids = self.randint(128).tolist()
+            stamp_tokens(engine, ids, self.warmup + 1)  # a warm-up (it captures the graph)
+            stamps = stamp_tokens(engine, ids, self.steps + 1)
+            rate = self.steps / (stamps[-1][0] - stamps[0][0])  # from the first token (prefill's) to the last
             how = "CUDA graphs" if engine.graphs is not None and engine.graphs.replays else "eager"
             R.add("engine.b1", S, "Engine, batch 1, context 128, streaming", rate, "tok/s",
                   f"{how}; one host sync per token to stream it; {_of_floor(rate, R.value('floor.b1.ctx128'))}")
