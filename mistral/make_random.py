@@ -169,14 +169,16 @@ def make_random(
     return out
 
 
-def random_checkpoints(cache: str | Path, preset_name: str, seed: int = 0) -> tuple[Path, Path]:
-    """One random fp32 model of a preset in both formats, `{cache}/{preset}-consolidated` and
+def random_checkpoints(cache: str | Path, preset_name: str, seed: int = 0,
+                       formats: tuple[str, ...] = (CONSOLIDATED, HF)) -> tuple[Path, ...]:
+    """One random fp32 model of a preset in each format, `{cache}/{preset}-consolidated` and
     `{cache}/{preset}-hf` (the same seed: the same model), each written only if not already there:
-    the pair the benchmarks run ours and a peer (transformers, llama.cpp) on."""
+    what the benchmarks run ours and a peer (transformers, llama.cpp) on. One folder per format."""
+    markers = {CONSOLIDATED: "consolidated.safetensors", HF: "model.safetensors"}
     folders = []
-    for fmt, marker in ((CONSOLIDATED, "consolidated.safetensors"), (HF, "model.safetensors")):
+    for fmt in formats:
         folder = Path(cache) / f"{preset_name}-{fmt}"
-        if not (folder / marker).exists():
+        if not (folder / markers[fmt]).exists():
             make_random(folder, preset(preset_name), fmt=fmt, dtype=torch.float32, seed=seed)
         folders.append(folder)
-    return folders[0], folders[1]
+    return tuple(folders)

@@ -41,7 +41,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(weights: Path, a) -> tuple[subprocess.Popen, str]:
+def start_server(weights: Path, a, env: dict | None = None, cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`mistral serve` on a free loopback port, healthy; `env` and `cwd` choose which `mistral` it
+    runs (scripts/bench_ab.py serves two revisions side by side)."""
     port = free_port()
     cmd = [sys.executable, "-m", "mistral.cli", "serve", str(weights), "--port", str(port), "--served-model-name",
            a.model, "--max-batch", str(a.max_batch), "--max-seq-len", str(a.max_seq_len), "--kernels", a.kernels]
@@ -51,8 +53,8 @@ def start_server(weights: Path, a) -> tuple[subprocess.Popen, str]:
         cmd += ["--dtype", a.dtype]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
-    env = {**os.environ, "MISTRAL_API_KEY": a.api_key}
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**(os.environ if env is None else env), "MISTRAL_API_KEY": a.api_key}
+    process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -107,7 +109,7 @@ async def level(url: str, a, clients: int) -> dict:
             "ttft_p50_s": statistics.median(ttfts), "ttft_max_s": max(ttfts)}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="a running server (default: start one)")
     p.add_argument("--weights", type=Path, default=None, help="a checkpoint to serve (default: a random --preset one)")
@@ -125,7 +127,11 @@ def main() -> None:
     p.add_argument("--kernels", default="auto")
     p.add_argument("--threads", type=int, default=None, help="the server's CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     levels = [int(c) for c in a.clients.split(",")]
 
     process = None
