@@ -54,7 +54,7 @@ def parse_int_list(text: str, flag: str) -> list[int]:
     return [int(part) for part in parts]
 
 
-# --- the model flags: one definition for every command that loads weights -----------------------
+# --- the model flags: one definition for every command that loads weights -------------------------
 
 
 def add_model_flags(p, *, device: str | None = None, dtype: str | None = None, kernels: str = "auto") -> None:
@@ -90,7 +90,7 @@ def find_weights(a):
     return find_checkpoint(resolve_weights(a.weights, a.format), a.format)
 
 
-# --- make-random -------------------------------------------------------------------------------
+# --- make-random ----------------------------------------------------------------------------------
 
 
 def add_make_random(sub) -> None:
@@ -116,7 +116,7 @@ def cmd_make_random(a) -> None:
         print("note: no tokenizer copied in (install mistral-common to get the real v3 tokenizer file)", file=sys.stderr)
 
 
-# --- logits --------------------------------------------------------------------------------------
+# --- logits ---------------------------------------------------------------------------------------
 
 
 def add_logits(sub) -> None:
@@ -160,7 +160,7 @@ def cmd_logits(a) -> None:
     print(f"wrote logits [{len(ids)}, {vocab}] to {a.out}")
 
 
-# --- tokenize (issue 3) --------------------------------------------------------------------------
+# --- tokenize -------------------------------------------------------------------------------------
 
 
 def add_tokenize(sub) -> None:
@@ -194,7 +194,7 @@ def cmd_tokenize(a) -> None:
     print(json.dumps(ids))
 
 
-# --- describe / inspect (issue 8) ----------------------------------------------------------------
+# --- describe / inspect ---------------------------------------------------------------------------
 
 
 def add_describe(sub) -> None:
@@ -243,7 +243,7 @@ def add_inspect(sub) -> None:
 
 def cmd_inspect(a) -> None:
     from .devices import resolve_device
-    from .lens import parse_indices, require_matplotlib, token_labels, trace, write_report
+    from .inspection import parse_indices, require_matplotlib, token_labels, trace, write_report
     from .loader import load_model
     from .tokenizer import Tokenizer
 
@@ -284,7 +284,7 @@ def cmd_inspect(a) -> None:
     print(f"wrote {len(files)} files to {a.out}: " + ", ".join(f.name for f in files))
 
 
-# --- generate / chat / demo / download (issue 4) ------------------------------------------------
+# --- generate / chat / demo / download ------------------------------------------------------------
 
 
 DEFAULT_MAX_TOKENS = 512
@@ -492,7 +492,7 @@ def cmd_download(a) -> None:
     print(f"downloaded {a.repo_id} ({a.format}) to {folder}")
 
 
-# --- serve (issue 5) -----------------------------------------------------------------------------
+# --- serve ----------------------------------------------------------------------------------------
 
 
 def add_serve(sub) -> None:
@@ -602,7 +602,7 @@ def bind(host: str, port: int):
     return sock
 
 
-# --- bench (issue 7) -----------------------------------------------------------------------------
+# --- bench ----------------------------------------------------------------------------------------
 
 
 def add_bench(sub) -> None:
@@ -625,7 +625,7 @@ def cmd_bench(a) -> None:
     bench_main(a)
 
 
-# --- quantize (issue 19) ----------------------------------------------------------------------
+# --- quantize -------------------------------------------------------------------------------------
 
 
 def add_quantize_flag(p) -> None:
@@ -658,7 +658,7 @@ def cmd_quantize(a) -> None:
     print(f"wrote an {a.to} checkpoint ({size / 2**30:.2f} GiB) to {out}")
 
 
-# --- main ----------------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

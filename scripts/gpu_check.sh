@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 7, in one call of at most ~8 minutes on one H100, with nothing to download:
+# The GPU check (the Triton kernels, CUDA-graph decode and `mistral bench` at full size), in one call of at most ~8 minutes on one H100, with nothing to download:
 #
 #   1. the tests marked `gpu` (kernels at 7B sizes, CUDA-graph decode against eager and transformers)
 #   2. `mistral bench` on a full-size v0.3 model with random bf16 weights made on the GPU

@@ -1,4 +1,4 @@
-"""`mistral bench --preset small --quick` on the CPU: every figure the issue asks for is in the
+"""`mistral bench --preset small --quick` on the CPU: every figure of the table is in the
 table and the JSON, measured or marked "n/a (needs CUDA)", none failed, and the correctness checks
 (ours against transformers, bf16 against fp32) pass. The GPU run is scripts/gpu_check.sh."""
 
@@ -9,7 +9,7 @@ import pytest
 from mistral.args import preset
 from mistral.cli import main
 
-# Every row of the issue's list, by key: (what it is, may it be n/a on a CPU)
+# Every row of the table, by key: (what it is, may it be n/a on a CPU)
 EXPECTED = {
     "copy_bandwidth": False, "matmul_rate": False, "floor.b1.ctx128": False, "floor.b1.ctx4096": False,
     "correct.fp32_vs_transformers": False, "correct.transformers_vs_fp32": False,

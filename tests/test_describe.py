@@ -17,7 +17,7 @@ from mistral.describe import (
     GPUS, count_parameters, decode_cost, describe, gpu, kv_bytes_per_token, prefill_cost, resolve, tensor_groups,
 )
 from mistral.errors import MistralError
-from mistral.lens import explicit_attention
+from mistral.inspection import explicit_attention
 from mistral.make_random import make_random, tensor_shapes
 from mistral.model import TORCH_OPS, Transformer
 

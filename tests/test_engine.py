@@ -1,4 +1,4 @@
-"""The engine's scheduling under cancellation and failure (issue 14), on a tiny random model.
+"""The engine's scheduling under cancellation and failure, on a tiny random model.
 
 The oracle for each surviving sequence is the same sequence decoded alone on a fresh engine: with
 `fixed_batch_shape=True` a row's greedy tokens never depend on its neighbours, so a cancellation or a

@@ -1,4 +1,4 @@
-"""The fast decode path (issue 7): merged projections, the strided SwiGLU gate, CUDA-graph decode.
+"""The fast decode path: merged projections, the strided SwiGLU gate, CUDA-graph decode.
 
 On the CPU: batch buckets, merged wq|wk|wv and w1|w3 against transformers (PyTorch ops and the Triton
 kernels under the interpreter), and the engine's `cuda_graphs` option. With a CUDA GPU (tests marked

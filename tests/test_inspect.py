@@ -14,7 +14,7 @@ from transformers import MistralForCausalLM
 from mistral.args import ModelArgs, preset
 from mistral.cli import main
 from mistral.errors import MistralError
-from mistral.lens import explicit_attention, parse_indices, token_labels, trace, write_report
+from mistral.inspection import explicit_attention, parse_indices, token_labels, trace, write_report
 from mistral.loader import load_model
 from mistral.make_random import make_random, v3_tokenizer_file
 from mistral.model import TORCH_OPS

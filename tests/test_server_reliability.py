@@ -1,4 +1,4 @@
-"""The server under cancellation, hostile input and stuck clients (issue 14).
+"""The server under cancellation, hostile input and stuck clients.
 
 Real servers on loopback (uvicorn in a thread, as in test_server.py's 429 test, or `mistral serve` in
 a subprocess where a signal is the point), driven by httpx and raw sockets. Each test here failed
@@ -100,7 +100,7 @@ def wait_idle(root: str, timeout: float = 10.0) -> dict:
 
 
 def test_a_stop_string_with_more_choices_than_rows_is_a_200(server):
-    """The issue's reproduction: n=8 on 4 rows, and a stop string that matches while 4 choices
+    """The case that once failed: n=8 on 4 rows, and a stop string that matches while 4 choices
     wait; each match cancels a running sequence. Was a 500 (every sequence failed)."""
     body = {"model": "small", "messages": [{"role": "user", "content": "Hi"}], "n": 8, "stop": ["e"],
             "max_tokens": 30, "seed": 2}

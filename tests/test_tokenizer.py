@@ -32,7 +32,7 @@ SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 
 
 def test_control_ids_come_from_the_file():
-    expected = {  # the ids the issue states, and the names mistral-common looks up
+    expected = {  # v3's control-token ids, and the names mistral-common looks up
         "bos_id": (1, "<s>"), "eos_id": (2, "</s>"), "inst_id": (3, "[INST]"), "inst_end_id": (4, "[/INST]"),
         "tool_calls_id": (5, "[TOOL_CALLS]"), "available_tools_id": (6, "[AVAILABLE_TOOLS]"),
         "available_tools_end_id": (7, "[/AVAILABLE_TOOLS]"), "tool_results_id": (8, "[TOOL_RESULTS]"),
