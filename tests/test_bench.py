@@ -66,3 +66,16 @@ def test_bench_small_on_cpu(tmp_path, capsys):
 def test_bench_bad_arguments(argv, message, capsys):
     assert main(["bench", "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_imports_neither_transformers_nor_the_server():
+    """`mistral bench` runs on a GPU machine that may lack the server's packages (scripts/gpu_check.sh),
+    and transformers is its peer, not a dependency: loading the command imports none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mistral.cli, mistral.bench.command; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'transformers', 'fastapi', 'uvicorn', 'starlette', 'mistral_common', 'httpx'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -49,29 +49,17 @@ def logits():
     return torch.randn(4, V, generator=torch.Generator().manual_seed(0)) * 3
 
 
-@pytest.mark.parametrize("top_k", [1, 5, 17, V])
-def test_top_k_keeps_what_transformers_keeps(logits, top_k):
-    ours = filter_logits(logits, settings(4, top_k=[top_k] * 4))
-    ref = TopKLogitsWarper(top_k)(None, logits.clone())
+WARPERS = {"top_k": TopKLogitsWarper, "top_p": TopPLogitsWarper, "min_p": MinPLogitsWarper}
+
+
+@pytest.mark.parametrize("name, value", [("top_k", k) for k in (1, 5, 17, V)] + [("top_p", p) for p in (0.05, 0.3, 0.9, 0.999)]
+                         + [("min_p", m) for m in (0.01, 0.1, 0.5, 1.0)])
+def test_each_filter_keeps_what_transformers_keeps(logits, name, value):
+    ours = filter_logits(logits, settings(4, **{name: [value] * 4}))
+    ref = WARPERS[name](value)(None, logits.clone())
     for b in range(4):
         assert kept(ours[b]) == kept(ref[b])
-        assert torch.equal(ours[b][torch.isfinite(ours[b])], logits[b][torch.isfinite(ref[b])])
-
-
-@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.9, 0.999])
-def test_top_p_keeps_what_transformers_keeps(logits, top_p):
-    ours = filter_logits(logits, settings(4, top_p=[top_p] * 4))
-    ref = TopPLogitsWarper(top_p)(None, logits.clone())
-    for b in range(4):
-        assert kept(ours[b]) == kept(ref[b])
-
-
-@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 1.0])
-def test_min_p_keeps_what_transformers_keeps(logits, min_p):
-    ours = filter_logits(logits, settings(4, min_p=[min_p] * 4))
-    ref = MinPLogitsWarper(min_p)(None, logits.clone())
-    for b in range(4):
-        assert kept(ours[b]) == kept(ref[b])
+        assert torch.equal(ours[b][torch.isfinite(ours[b])], logits[b][torch.isfinite(ref[b])])  # kept, unchanged
 
 
 def test_filters_combined_per_row_as_transformers_chains_them(logits):
