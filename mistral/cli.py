@@ -27,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, formats
 from .errors import MistralError
 
-DTYPES = ["float32", "bfloat16", "float16"]
+DTYPES, FORMATS = list(formats.DTYPES), list(formats.FORMATS)  # the choices of --dtype and --format
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -61,7 +61,7 @@ def add_model_flags(p, *, device: str | None = None, dtype: str | None = None, k
     """WEIGHTS and how to load them. The keyword arguments are the command's defaults (logits keeps
     float32 on the CPU: its output is a comparison contract)."""
     p.add_argument("weights", metavar="WEIGHTS", help="a weights folder, or a Hub repo id (owner/name) to download")
-    p.add_argument("--format", default=None, choices=["consolidated", "hf"],
+    p.add_argument("--format", default=None, choices=FORMATS,
                    help="which format to read when the folder holds both, or to download (default: consolidated)")
     p.add_argument("--device", default=device,
                    help="cpu, cuda or cuda:N" + ("" if device else " (default: cuda if available, else cpu)"))
@@ -97,7 +97,7 @@ def add_make_random(sub) -> None:
     p = sub.add_parser("make-random", help="write a random-weight checkpoint of the real shapes")
     p.add_argument("out_dir", type=Path, help="the folder to write (created if absent)")
     p.add_argument("--preset", default="small", help="small, 0.5b or 7b-v0.3")
-    p.add_argument("--format", default="consolidated", choices=["consolidated", "hf"],
+    p.add_argument("--format", default="consolidated", choices=FORMATS,
                    help="consolidated: Mistral's params.json + consolidated.safetensors; hf: config.json + shards")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="the tensors' dtype on disk")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same model in both formats")
@@ -208,12 +208,12 @@ def add_describe(sub) -> None:
     p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s (replaces the preset's)")
     p.add_argument("--tflops", type=float, default=None, help="peak dense FLOP rate in TFLOP/s (replaces the preset's)")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_BYTES), help="weights' dtype (default bfloat16)")
-    p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--kv-dtype", default=None, choices=DTYPES,
                    help="KV cache dtype (default: the weights', bfloat16 for int8/int4)")
     p.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
     p.add_argument("--seq-lens", default="512,4096,32768", help="comma-separated sequence lengths of the roofline table")
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="context for the full KV-cache size")
-    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read if both are present")
+    p.add_argument("--format", default=None, choices=FORMATS, help="which format to read if both are present")
     p.set_defaults(run=cmd_describe)
 
 
@@ -478,7 +478,7 @@ def cmd_demo(a) -> None:
 def add_download(sub) -> None:
     p = sub.add_parser("download", help="download one format of a Hub checkpoint")
     p.add_argument("repo_id", help="e.g. mistralai/Mistral-7B-Instruct-v0.3")
-    p.add_argument("--format", default="consolidated", choices=["consolidated", "hf"],
+    p.add_argument("--format", default="consolidated", choices=FORMATS,
                    help="consolidated: Mistral's own files; hf: the Hugging Face shards (the same weights again)")
     p.add_argument("--dir", type=Path, default=None, help="the folder to download into (default: weights/<repo name>)")
     p.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")
@@ -640,9 +640,9 @@ def add_quantize(sub) -> None:
     p.add_argument("--to", required=True, choices=["int8", "int4"],
                    help="int8: one scale per output channel; int4: one scale per --group-size inputs")
     p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="int4: weights per scale")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="dtype of the scales and of the unquantized tensors (default: the checkpoint's own)")
-    p.add_argument("--format", default=None, choices=["consolidated", "hf"], help="which format to read when the folder holds both")
+    p.add_argument("--format", default=None, choices=FORMATS, help="which format to read when the folder holds both")
     p.add_argument("--out", required=True, type=Path, help="the folder to write")
     p.set_defaults(run=cmd_quantize)
 

@@ -19,11 +19,14 @@ they are small next to the matmuls and the weights, so the floor stays a floor.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .args import PRESETS, ModelArgs
+from .formats import DTYPES
 from .errors import CheckpointError, MistralError
 
 # The context length Mistral-7B-v0.3 was trained for (config.json's max_position_embeddings);
@@ -31,7 +34,7 @@ from .errors import CheckpointError, MistralError
 DEFAULT_MAX_CONTEXT = 32768
 
 # Bytes per stored value. int8/int4 are weight-only quantisation: the matmuls still run in bf16.
-DTYPE_BYTES: dict[str, float] = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+DTYPE_BYTES: dict[str, float] = {**{name: d.bytes for name, d in DTYPES.items()}, "int8": 1, "int4": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,23 +61,37 @@ class TensorGroup:
         return self.count * self.params_each
 
 
-def tensor_groups(args: ModelArgs) -> list[TensorGroup]:
+# What each tensor of the checkpoint does, in the order the forward pass uses them; `layers.*.` stands
+# for every layer. The names and shapes themselves come from the model (loader.tensor_shapes).
+ROLES = {
+    "tok_embeddings.weight": "token embeddings (a lookup)",
+    "layers.*.attention_norm.weight": "RMSNorm before attention",
+    "layers.*.attention.wq.weight": "queries, {n_heads} heads",
+    "layers.*.attention.wk.weight": "keys, {n_kv_heads} KV heads",
+    "layers.*.attention.wv.weight": "values, {n_kv_heads} KV heads",
+    "layers.*.attention.wo.weight": "attention output",
+    "layers.*.ffn_norm.weight": "RMSNorm before feed-forward",
+    "layers.*.feed_forward.w1.weight": "SwiGLU gate",
+    "layers.*.feed_forward.w3.weight": "SwiGLU up",
+    "layers.*.feed_forward.w2.weight": "SwiGLU down",
+    "norm.weight": "final RMSNorm",
+    "output.weight": "output head (untied)",
+}
+
+
+@functools.lru_cache(maxsize=16)
+def tensor_groups(args: ModelArgs) -> tuple[TensorGroup, ...]:
     """Every tensor of the checkpoint, grouped, in the order the forward pass uses them."""
-    q, kv, L = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_layers
-    return [
-        TensorGroup("tok_embeddings.weight", (args.vocab_size, args.dim), 1, "token embeddings (a lookup)", False),
-        TensorGroup("layers.*.attention_norm.weight", (args.dim,), L, "RMSNorm before attention", False),
-        TensorGroup("layers.*.attention.wq.weight", (q, args.dim), L, f"queries, {args.n_heads} heads", True),
-        TensorGroup("layers.*.attention.wk.weight", (kv, args.dim), L, f"keys, {args.n_kv_heads} KV heads", True),
-        TensorGroup("layers.*.attention.wv.weight", (kv, args.dim), L, f"values, {args.n_kv_heads} KV heads", True),
-        TensorGroup("layers.*.attention.wo.weight", (args.dim, q), L, "attention output", True),
-        TensorGroup("layers.*.ffn_norm.weight", (args.dim,), L, "RMSNorm before feed-forward", False),
-        TensorGroup("layers.*.feed_forward.w1.weight", (args.hidden_dim, args.dim), L, "SwiGLU gate", True),
-        TensorGroup("layers.*.feed_forward.w3.weight", (args.hidden_dim, args.dim), L, "SwiGLU up", True),
-        TensorGroup("layers.*.feed_forward.w2.weight", (args.dim, args.hidden_dim), L, "SwiGLU down", True),
-        TensorGroup("norm.weight", (args.dim,), 1, "final RMSNorm", False),
-        TensorGroup("output.weight", (args.vocab_size, args.dim), 1, "output head (untied)", True),
-    ]
+    from .loader import tensor_shapes
+
+    shapes = tensor_shapes(args)
+    if {name.replace("*", str(i)) for name in ROLES for i in range(args.n_layers)} != set(shapes):
+        raise AssertionError(f"describe.ROLES and the model's tensors differ: {sorted(set(shapes) ^ set(ROLES))}")
+    return tuple(
+        TensorGroup(name, shape, args.n_layers if name.startswith("layers.*.") else 1, role.format(**dataclasses.asdict(args)),
+                    matmul=len(shape) == 2 and name != "tok_embeddings.weight")
+        for name, role in ROLES.items() for shape in [shapes[name.replace("*", "0")]]
+    )
 
 
 def count_parameters(args: ModelArgs) -> int:
@@ -384,7 +401,7 @@ def describe(
     for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype or "bfloat16")):
         if value not in DTYPE_BYTES:
             raise MistralError(f"unknown {name} {value!r}; choose one of {', '.join(DTYPE_BYTES)}")
-    kv_dtype = kv_dtype or (dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16")
+    kv_dtype = kv_dtype or (dtype if dtype in DTYPES else "bfloat16")
     for name, value in (("batch", batch), ("max_context", max_context), *(("seq_len", n) for n in seq_lens)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise MistralError(f"{name} must be a positive integer, got {value!r}")
@@ -431,7 +448,7 @@ def checkpoint_summary(ckpt) -> dict:
     from safetensors import safe_open
 
     n_tensors, params, by_dtype = 0, 0, {}
-    itemsize = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    itemsize = {**{d.safetensors: d.bytes for d in DTYPES.values()}, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
     for path in ckpt.tensor_files:
         try:

@@ -30,6 +30,7 @@ import torch
 
 from .args import ModelArgs
 from .devices import resolve_device
+from .formats import CONSOLIDATED, DTYPES, HF, as_dtype, dtype_name
 from .errors import CheckpointError
 from .model import Ops, Transformer
 from .ops import get_ops
@@ -37,8 +38,6 @@ from .progress import progress
 from .quantize import Quantization, QuantizedLoad
 
 log = logging.getLogger("mistral")
-
-CONSOLIDATED, HF = "consolidated", "hf"
 
 # Hugging Face name -> our (checkpoint) name. `{i}` is the layer index.
 HF_TO_MISTRAL = {
@@ -111,6 +110,14 @@ def from_hf_layout(name: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     """The inverse of `to_hf_layout`: a Hugging Face checkpoint's tensor with its rows as ours."""
     heads = rotary_heads(name, args)
     return t if heads is None else unpermute_from_hf(t, heads)
+
+
+def tensor_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a checkpoint, in the model's order, with its shape: read off mistral/model.py's
+    `Transformer` built on the meta device (no memory), which is the one definition of them."""
+    with torch.device("meta"):
+        model = Transformer(args, max_seq_len=1)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -262,7 +269,7 @@ def load_model(
                     )
                 if plan is not None:  # the quantized format's integer tensors where it has them, floats elsewhere
                     plan.check_dtype(path, key, name, tensor)
-                if tensor.dtype not in _DTYPES.values() and (plan is None or tensor.is_floating_point()):
+                if dtype_name(tensor.dtype) not in DTYPES and (plan is None or tensor.is_floating_point()):
                     # float8, or integers outside a quantized checkpoint: the model computes in neither
                     raise CheckpointError(f"{path}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
                                           "this loader reads float32, bfloat16 and float16 checkpoints")
@@ -362,20 +369,3 @@ def _check_memory(folder: Path, shapes: dict[str, tuple[int, ...]], file_dtype: 
             f"{folder}: the weights take {needed / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} on {device}, "
             f"but only {available / 2**30:.1f} GiB is available there; choose a smaller dtype{hint}, or another device"
         )
-
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
-

@@ -16,35 +16,11 @@ from pathlib import Path
 import torch
 
 from .args import ModelArgs, preset
-from .loader import CONSOLIDATED, HF, as_dtype, mistral_to_hf_name, to_hf_layout
+from .formats import CONSOLIDATED, DTYPES, HF, as_dtype, dtype_name
+from .loader import mistral_to_hf_name, tensor_shapes, to_hf_layout
 from .model import Transformer
 from .ops import get_ops
 from .progress import progress
-
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def tensor_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the model, in checkpoint order, with its shape."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (q, args.dim),
-            p + "attention.wk.weight": (kv, args.dim),
-            p + "attention.wv.weight": (kv, args.dim),
-            p + "attention.wo.weight": (args.dim, q),
-            p + "feed_forward.w1.weight": (args.hidden_dim, args.dim),
-            p + "feed_forward.w2.weight": (args.dim, args.hidden_dim),
-            p + "feed_forward.w3.weight": (args.hidden_dim, args.dim),
-            p + "attention_norm.weight": (args.dim,),
-            p + "ffn_norm.weight": (args.dim,),
-        })
-    shapes["norm.weight"] = (args.dim,)
-    shapes["output.weight"] = (args.vocab_size, args.dim)
-    return shapes
-
 
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, std: float = 0.02) -> torch.Tensor:
     """The random weights of every checkpoint made here, fp32 on the generator's device: N(0, std²)
@@ -78,7 +54,7 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: tor
     offset = 0
     for name, shape in shapes.items():
         nbytes = itemsize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPES[dtype_name(dtype)].safetensors, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

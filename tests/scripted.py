@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from mistral.args import ModelArgs
-from mistral.make_random import tensor_shapes, v3_tokenizer_file, write_safetensors
+from mistral.loader import tensor_shapes
+from mistral.make_random import v3_tokenizer_file, write_safetensors
 from mistral.tokenizer import Tokenizer
 
 ARGS = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=32,

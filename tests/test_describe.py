@@ -18,7 +18,8 @@ from mistral.describe import (
 )
 from mistral.errors import MistralError
 from mistral.inspection import explicit_attention
-from mistral.make_random import make_random, tensor_shapes
+from mistral.loader import tensor_shapes
+from mistral.make_random import make_random
 from mistral.model import TORCH_OPS, Transformer
 
 SEVEN_B = 7_248_023_552  # Mistral-7B-v0.3, the sum over its consolidated.safetensors

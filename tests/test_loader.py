@@ -1,5 +1,6 @@
 """Checkpoint folders: format detection, and a clear error for every kind of bad input."""
 
+import hashlib
 import json
 import logging
 
@@ -287,3 +288,22 @@ def test_logits_cli_bad_folder(tmp_path, capsys):
     assert main(["logits", str(tmp_path / "missing"), "--tokens", "1", "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "no such folder" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("fmt, dtype, shard_bytes, digest", [
+    ("consolidated", "bfloat16", 5 * 2**30, "46a44e4cd890e37919e503d0443e9ef943da01ce7e70678d74b75a41bd37f41e"),
+    ("hf", "float32", 5 * 2**30, "43a7dd5e5749379ef72e34bfd92598edb83ca9de7d2c8ed4f139c5a3e0aecc3e"),
+    ("hf", "float16", 40_000, "cb630994d9714940b8bceda4f7a1faa83cf10d3364f72725cb3a7f7288646eba"),  # sharded
+])
+def test_make_random_writes_the_same_bytes_for_a_seed(tmp_path, fmt, dtype, shard_bytes, digest):
+    """The files of a seed never change (the digests are those of the version before the checkpoint's
+    tensor list was read off the model): benchmarks compare revisions on them, and tests' checkpoints
+    stay the same models."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, norm_eps=1e-5,
+                     vocab_size=96, rope_theta=1e6)
+    out = make_random(tmp_path, args, fmt, dtype, seed=7, shard_bytes=shard_bytes, tokenizer=False)
+    h = hashlib.sha256()
+    for f in sorted(out.iterdir()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    assert h.hexdigest() == digest

@@ -1,0 +1,44 @@
+"""The names of what a checkpoint can be: its two on-disk formats, and the floating-point dtypes it
+stores (and the model computes in). One table each.
+
+Imports no torch, so that the command line can offer the choices without loading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONSOLIDATED, HF = "consolidated", "hf"  # Mistral's params.json + consolidated.safetensors; Hugging Face's
+FORMATS = (CONSOLIDATED, HF)
+
+
+@dataclass(frozen=True)
+class DType:
+    bytes: int  # per value
+    safetensors: str  # the name a safetensors header gives it
+    aliases: tuple[str, ...]  # other names `as_dtype` accepts
+
+
+DTYPES: dict[str, DType] = {  # torch's name -> the rest; the command line offers them in this order
+    "float32": DType(4, "F32", ("fp32", "float")),
+    "bfloat16": DType(2, "BF16", ("bf16",)),
+    "float16": DType(2, "F16", ("fp16", "half")),
+}
+_NAMES = {alias: name for name, d in DTYPES.items() for alias in (name, *d.aliases)}
+
+
+def as_dtype(dtype):
+    """A torch dtype from itself, its name (`bfloat16`, `torch.bfloat16`) or an alias (`bf16`)."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return getattr(torch, _NAMES[str(dtype).removeprefix("torch.")])
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype) -> str:
+    """`torch.bfloat16` -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
