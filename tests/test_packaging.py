@@ -33,3 +33,12 @@ def test_a_foreign_kernels_package_is_refused(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode != 0
     assert "is not this project's" in run.stderr and str(impostor) in run.stderr
+
+
+def test_every_package_of_ours_is_in_the_wheel():
+    """setuptools ships only the packages pyproject.toml lists: a sub-package left out installs
+    without its files (`mistral bench` would then fail on an installed copy)."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts) for top in ("mistral", "kernels")
+             for init in (ROOT / top).rglob("__init__.py")}
+    assert found == listed
