@@ -271,7 +271,7 @@ def load_model(
                     plan.check_dtype(path, key, name, tensor)
                 if dtype_name(tensor.dtype) not in DTYPES and (plan is None or tensor.is_floating_point()):
                     # float8, or integers outside a quantized checkpoint: the model computes in neither
-                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype_name(tensor.dtype)}; "
                                           "this loader reads float32, bfloat16 and float16 checkpoints")
                 if not state:  # the first tensor tells the file's dtype: will the copies fit?
                     _check_memory(ckpt.folder, expected, tensor.dtype, dtype or tensor.dtype, device)
@@ -336,7 +336,7 @@ def _check_finite(path: Path, key: str, file_dtype: torch.dtype, tensor: torch.T
     low, high = torch.aminmax(tensor)
     if bool(torch.isfinite(low) & torch.isfinite(high)):
         return
-    cast = f" once converted to {str(tensor.dtype).removeprefix('torch.')} (too large for it)" if tensor.dtype != file_dtype else ""
+    cast = f" once converted to {dtype_name(tensor.dtype)} (too large for it)" if tensor.dtype != file_dtype else ""
     raise CheckpointError(f"{path}: tensor {key!r} holds NaN or infinite values{cast}")
 
 
@@ -366,6 +366,6 @@ def _check_memory(folder: Path, shapes: dict[str, tuple[int, ...]], file_dtype: 
     if available is not None and needed > available:
         hint = " (bfloat16 takes half as much)" if dtype == torch.float32 else ""
         raise CheckpointError(
-            f"{folder}: the weights take {needed / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} on {device}, "
+            f"{folder}: the weights take {needed / 2**30:.1f} GiB in {dtype_name(dtype)} on {device}, "
             f"but only {available / 2**30:.1f} GiB is available there; choose a smaller dtype{hint}, or another device"
         )

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from mistral.bench.timing import best_time, cpu_name, decode_rates, load_average, stamp_tokens, weight_bytes_per_token
 from mistral.engine import Engine
+from mistral.formats import dtype_name
 from mistral.loader import load_model
 from mistral.make_random import random_checkpoints
 from mistral.ops import cpu_linear as linear
@@ -185,7 +186,7 @@ def bench(size: str, dtype: torch.dtype, cache: Path, runs: int, new_tokens: int
                "compiled": Engine(model, max_batch=1, max_seq_len=512, eos_id=tokenizer.eos_id, compile=True)}
     hf = load_hf(hf_folder, dtype) if with_hf else None
 
-    row = {"size": size, "dtype": str(dtype).removeprefix("torch."), "bytes": weight_bytes_per_token(model)}
+    row = {"size": size, "dtype": dtype_name(dtype), "bytes": weight_bytes_per_token(model)}
     row["bandwidth"] = matvec_bandwidth(model)
     for name, engine in engines.items():  # warm-up: first-call allocations, thread pools, the compilation
         start = time.perf_counter()

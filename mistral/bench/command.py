@@ -54,6 +54,7 @@ from ..args import ModelArgs, preset
 from ..describe import GPU, decode_cost, prefill_cost
 from ..devices import resolve_device
 from ..engine import Engine, _bucket
+from ..formats import dtype_name
 from ..make_random import random_model
 from ..merged import merge_projections, unmerged
 from ..ops import get_ops
@@ -464,7 +465,7 @@ def _environment(device: torch.device, preset_name: str, args: ModelArgs, dtype:
         name = f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
     return {
         "model": f"{preset_name} ({args.n_layers} layers, dim {args.dim}), random weights",
-        "preset": preset_name, "device": str(device), "device_name": name, "dtype": str(dtype).removeprefix("torch."),
+        "preset": preset_name, "device": str(device), "device_name": name, "dtype": dtype_name(dtype),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"),
         "python": platform.python_version(), "decode_steps": steps,
