@@ -306,6 +306,8 @@ def load_model(
     model.requires_grad_(False)
     model.init_freqs(device)
     model.use_ops(get_ops(kernels, device))
+    if plan is not None:
+        plan.finish(model)
     model.eval()
     log.info("loaded %s (%s format, %d tensors) on %s", ckpt.folder, ckpt.format, len(state), device)
     return model

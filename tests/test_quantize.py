@@ -14,8 +14,8 @@ from mistral.errors import CheckpointError
 from mistral.loader import load_model
 from mistral.make_random import make_random
 from mistral.model import Linear
-from mistral.quantize import (Int4Linear, Int8Linear, Quantization, dequantize, quantize_int4, quantize_tensor,
-                              unpack_int4, write_quantized)
+from mistral.quantize import (Int4Linear, Int8Linear, Quantization, dequantize, pack_for_cpu, quantize_int4,
+                              quantize_tensor, unpack_int4, write_quantized)
 
 ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, norm_eps=1e-5,
                  vocab_size=512, rope_theta=1e6)
@@ -67,6 +67,28 @@ def test_bfloat16_layer_equals_dequantize_then_linear_to_bf16_rounding(q):
     x = torch.randn(1, 2, 256).to(torch.bfloat16)
     ref = F.linear(x.double(), dequantize(m, torch.float64))
     torch.testing.assert_close(m(x).double(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("q", METHODS, ids=IDS)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bfloat16_decode_runs_pytorchs_packed_cpu_kernel(q, compiled):
+    """bf16 activations on the CPU: a few rows go through PyTorch's packed int8 / int4 mat-mul (the
+    int4 layout made by pack_for_cpu), eager and compiled, and equal the dequantized reference."""
+    from torch._inductor.utils import run_and_get_code
+
+    m, _ = quantized_linear(q, 256, 48, dtype=torch.bfloat16)
+    pack_for_cpu(m)
+    x = torch.randn(1, 1, 256).to(torch.bfloat16)
+    ref = F.linear(x.double(), dequantize(m, torch.float64))
+    op = "_weight_int8pack_mm" if q.method == "int8" else "_weight_int4pack_mm_for_cpu"
+    if compiled:
+        out, code = run_and_get_code(torch.compile(m, fullgraph=True), x)
+        assert op in "".join(code)
+    else:
+        with torch.profiler.profile() as prof:
+            out = m(x)
+        assert any(op in e.name for e in prof.events())
+    torch.testing.assert_close(out.double(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("q", METHODS[:2], ids=IDS[:2])
@@ -162,6 +184,15 @@ def test_hf_source_and_bf16_scales(tmp_path):
     ta, tb = load_file(a / "consolidated.safetensors"), load_file(b / "consolidated.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)  # the HF rows unpermuted first
     assert ta["layers.0.feed_forward.w2.scales"].dtype == torch.bfloat16
+    # loaded on the CPU in bf16, every int4 layer has PyTorch's packed layout, and computes as the
+    # checkpoint's nibbles say
+    model = load_model(a, max_seq_len=16)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(m.cpu_packed is not None for m in layers)
+    x = torch.randn(1, 1, ARGS.dim).to(torch.bfloat16)
+    wq = layers[0]
+    ref = F.linear(x.double(), dequantize(wq, torch.float64))
+    torch.testing.assert_close(wq(x).double(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
 
 
 def test_cli_quantize_then_logits(fp32_model, tmp_path):
