@@ -46,7 +46,9 @@ PROMPT = list(range(100, 116))  # 16 token ids: no tokenizer needed
 def worker(weights: str, dtype: str, max_seq_len: int) -> None:
     """Load the model, compile the engine's decode step, then answer each stdin line `N` with one
     JSON line: the arrival times of N greedy tokens. Uses only what every revision has
-    (`load_model`, `Engine`, `GenerationParams`, `TokenEvent`)."""
+    (`load_model`, `Engine`, `GenerationParams`, `TokenEvent`): an older side has no
+    `mistral.bench.timing.stamp_tokens`, so the token stamps are taken here, and the rates are
+    computed by the parent, with this tree's `decode_rates`, alike for both sides."""
     import torch
 
     import mistral

@@ -1,8 +1,8 @@
 """transformers' `MistralForCausalLM` as `mistral bench`'s peer: the same weights, our tensors shared.
 
 transformers is a test oracle and a benchmark peer, never a dependency of the runtime: every
-function here imports it when called, so that `mistral bench` (and the GPU check that runs it on a
-machine without the server's packages) loads it only for the rows that compare with it.
+function here imports it when called, so that loading `mistral bench` imports none of it
+(tests/test_bench.py checks) and only the rows that compare with it need it installed.
 """
 
 from __future__ import annotations
