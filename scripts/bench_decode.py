@@ -46,12 +46,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mistral.bench.timing import best_time, cpu_name, decode_rates, load_average, stamp_tokens, weight_bytes_per_token
+from mistral.bench.timing import (best_time, cpu_name, decode_rates, load_average, matvec_bandwidth, stamp_tokens,
+                                  weight_bytes_per_token)
 from mistral.engine import Engine
 from mistral.formats import dtype_name
 from mistral.loader import load_model
 from mistral.make_random import random_checkpoints
-from mistral.ops import cpu_linear as linear
 from mistral.tokenizer import Tokenizer
 
 PROMPT = "The weights of a language model are read once for every token it writes, so"
@@ -59,44 +59,6 @@ NEW_TOKENS = 128
 
 
 # --- the floor ---------------------------------------------------------------------------------------
-
-
-def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> dict[str, float]:
-    """Bytes/s of a mat-vec `x [1, K] @ W [N, K]ᵀ` over the model's own matrices, in the model's order,
-    from main memory: a decode step reduced to its matrix-vector products. Best of `passes`, for
-    each of three ways to compute it: "F.linear"; "linear", the eager CPU `linear` of mistral/ops.py (in fp32, one
-    block of rows per thread); "compiled", that `linear` under torch.compile, as the engine's
-    `compile=True` runs it, with the whole pass as one compiled call (so that no per-call cost
-    counts). The floor is set by the fastest of the three: the fastest mat-vec we know here.
-
-    When the model is smaller than `min_bytes` (8x this machine's 32 MiB L3), the pass runs over
-    enough copies of its matrices to reach it, so that no weight is still in a cache when it is
-    read again. (The small model itself, 38 MB in fp32 and 19 MB in bf16, stays partly or wholly in
-    the L3 between real steps, so its decode may beat this floor.)
-    """
-    own = [p for name, p in model.named_parameters() if p.dim() == 2 and name != "tok_embeddings.weight"]
-    size = sum(W.numel() * W.element_size() for W in own)
-    copies = -(-min_bytes // size)
-    matrices = own + [W.clone() for _ in range(copies - 1) for W in own]
-    # One input vector per matrix, as in the model: a vector shared by many matrices would let the
-    # compiled pass fuse their reductions into one loop over many weight streams at once, which
-    # reads memory more slowly than one stream per loop.
-    xs = [torch.randn(1, W.shape[1], dtype=W.dtype) for W in matrices]
-
-    def one_by_one(matvec):
-        def run():
-            for x, W in zip(xs, matrices):
-                matvec(x, W)
-        return run
-
-    def all_matrices(xs, matrices):
-        return [linear(x, W) for x, W in zip(xs, matrices)]
-
-    compiled = torch.compile(all_matrices, fullgraph=True, dynamic=False)  # static shapes for every model
-    ways = {"F.linear": one_by_one(F.linear), "linear": one_by_one(linear),
-            "compiled": lambda: compiled(xs, matrices)}
-    with torch.inference_mode():  # one pass more than `passes`: the first is a warm-up (and the compilation)
-        return {name: copies * size / best_time(run, "cpu", passes + 1) for name, run in ways.items()}
 
 
 def machine_bandwidth(nbytes: int = 400 * 2**20, passes: int = 5) -> tuple[float, float, float]:

@@ -19,7 +19,7 @@
    Precisions: fp32 vs f32, bf16 vs bf16, our int8 (per channel) vs q8_0, our int4 (groups of 32)
    vs q4_0; our int8/int4 compute in --quant-dtype (activations and scales).
 4. One table: tokens/s, % of the floor (bandwidth / bytes a decode step reads, the bandwidth the
-   fastest fp32/bf16 mat-vec of bench_decode.py reaches here), and ours / llama.cpp.
+   fastest fp32/bf16 mat-vec of `mistral.bench.timing.matvec_bandwidth` reaches here), and ours / llama.cpp.
 
 Busy neighbours slow both engines; rounds interleave so that both see the same load.
 """
@@ -38,14 +38,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import matvec_bandwidth  # noqa: E402
-
-from mistral.bench.timing import cpu_name, stamp_tokens, weight_bytes_per_token  # noqa: E402
-from mistral.engine import Engine  # noqa: E402
-from mistral.loader import load_model  # noqa: E402
-from mistral.make_random import random_checkpoints  # noqa: E402
-from mistral.tokenizer import Tokenizer  # noqa: E402
+from mistral.bench.timing import cpu_name, matvec_bandwidth, stamp_tokens, weight_bytes_per_token
+from mistral.engine import Engine
+from mistral.loader import load_model
+from mistral.make_random import random_checkpoints
+from mistral.tokenizer import Tokenizer
 
 PROMPT = "The weights of a language model are read once for every token it writes, so"
 TOOLS = ("llama-bench", "llama-quantize", "llama-simple")

@@ -3,6 +3,7 @@
     best_time            seconds of one call, the best of several (the device synchronized around it)
     copy_bandwidth       bytes/s of a large device-to-device copy: the memory's ceiling
     matmul_rate          FLOP/s of a large square matrix product: the arithmetic's ceiling
+    matvec_bandwidth     bytes/s of a CPU decode step's mat-vecs over a model's own matrices: the CPU floor
     weight_bytes_per_token  what a decode step at batch 1 reads of the weights
     stamp_tokens         run one greedy request through an `Engine`, timestamping every token
     decode_rates         tokens/s of such runs: the best run, and 1 / the median gap between tokens
@@ -63,6 +64,48 @@ def matmul_rate(device: torch.device | str, dtype: torch.dtype, quick: bool = Fa
     a @ b
     seconds = best_time(lambda: [a @ b for _ in range(5)], device, 3 if quick else 10) / 5
     return 2 * n**3 / seconds
+
+
+def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> dict[str, float]:
+    """Bytes/s of a mat-vec `x [1, K] @ W [N, K]ᵀ` over the model's own matrices, in the model's order,
+    from main memory: a decode step reduced to its matrix-vector products. Best of `passes`, for
+    each of three ways to compute it: "F.linear"; "linear", the eager CPU `linear` of mistral/ops.py (in fp32, one
+    block of rows per thread); "compiled", that `linear` under torch.compile, as the engine's
+    `compile=True` runs it, with the whole pass as one compiled call (so that no per-call cost
+    counts). The floor is set by the fastest of the three: the fastest mat-vec we know here.
+
+    When the model is smaller than `min_bytes` (8x this machine's 32 MiB L3), the pass runs over
+    enough copies of its matrices to reach it, so that no weight is still in a cache when it is
+    read again. (The small model itself, 38 MB in fp32 and 19 MB in bf16, stays partly or wholly in
+    the L3 between real steps, so its decode may beat this floor.)
+    """
+    import torch.nn.functional as F
+
+    from ..ops import cpu_linear
+
+    own = [p for name, p in model.named_parameters() if p.dim() == 2 and name != "tok_embeddings.weight"]
+    size = sum(W.numel() * W.element_size() for W in own)
+    copies = -(-min_bytes // size)
+    matrices = own + [W.clone() for _ in range(copies - 1) for W in own]
+    # One input vector per matrix, as in the model: a vector shared by many matrices would let the
+    # compiled pass fuse their reductions into one loop over many weight streams at once, which
+    # reads memory more slowly than one stream per loop.
+    xs = [torch.randn(1, W.shape[1], dtype=W.dtype) for W in matrices]
+
+    def one_by_one(matvec):
+        def run():
+            for x, W in zip(xs, matrices):
+                matvec(x, W)
+        return run
+
+    def all_matrices(xs, matrices):
+        return [cpu_linear(x, W) for x, W in zip(xs, matrices)]
+
+    compiled = torch.compile(all_matrices, fullgraph=True, dynamic=False)  # static shapes for every model
+    ways = {"F.linear": one_by_one(F.linear), "linear": one_by_one(cpu_linear),
+            "compiled": lambda: compiled(xs, matrices)}
+    with torch.inference_mode():  # one pass more than `passes`: the first is a warm-up (and the compilation)
+        return {name: copies * size / best_time(run, "cpu", passes + 1) for name, run in ways.items()}
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
