@@ -1,6 +1,7 @@
 """What the model is, in numbers: its tensors, its memory, and the speed floor a GPU's spec implies.
 
-Pure arithmetic on `ModelArgs`; no weights are loaded. Three numbers explain most of what a
+Arithmetic on `ModelArgs` and the model's tensor list (read off `Transformer` built on the meta
+device: no memory, no weights loaded). Three numbers explain most of what a
 decoder-only transformer costs:
 
     parameters      every weight is read once per forward pass, whatever the number of tokens in it
