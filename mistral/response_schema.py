@@ -157,4 +157,19 @@ class ModelList(_Open):
     data: list[Model]
 
 
-RESPONSES = (ChatCompletion, ChatCompletionChunk, Completion, Model, ModelList)
+class TokenizeResponse(_Open):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(_Open):
+    prompt: str
+
+
+class Version(_Open):
+    version: str
+
+
+RESPONSES = (ChatCompletion, ChatCompletionChunk, Completion, Model, ModelList, TokenizeResponse, DetokenizeResponse,
+             Version)
