@@ -7,9 +7,11 @@ Routes, under both `/v1` and `/v3/openai` (the provider page's base URL path):
 
     POST /chat/completions     POST /completions     GET /models     GET /models/{name}
     GET  /debug/engine         (rows running, waiting and free: to watch batching and cancellation)
+    POST /tokenize             POST /detokenize      (vLLM's shapes; at the root too, as vLLM has them)
 
-and `GET /health` at the root, without a key: 503 while the model loads, then 200; `GET /openapi.json`
-(the request schemas below, the error body) and `GET /docs` (its interactive page), without a key too.
+and, without a key: `GET /health` (and `/v1/health`): 503 while the model loads, then 200; `GET /version`;
+`GET /metrics` (Prometheus text, metrics.py); `GET /openapi.json` (the request schemas below, the error
+body) and `GET /docs` (its interactive page). With `allowed_origins`, CORS headers for those origins.
 
 This layer is thin, as vLLM's is: it checks the key, reads the JSON body against the schemas below,
 hands the parameters to `Mistral.acreate_chat_completion` / `acreate_completion` (which validate

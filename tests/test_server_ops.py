@@ -174,3 +174,21 @@ def test_no_access_log(weights, tmp_path):
         r = httpx.get(root + "/health", headers={"Origin": ORIGIN}, timeout=10)
         assert "access-control-allow-origin" not in r.headers
     assert "GET /version" not in log.read_text()
+
+
+def test_published_schemas_hold_for_the_new_answers(server):
+    jsonschema = pytest.importorskip("jsonschema")
+    spec = httpx.get(server + "/openapi.json", timeout=10).json()
+
+    def check(path: str, method: str, answer: dict) -> None:
+        ref = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        schema = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        jsonschema.Draft202012Validator({**schema, "components": spec["components"]}).validate(answer)
+
+    tokens = httpx.post(server + "/tokenize", json={"prompt": "Hi"}, timeout=10).json()
+    check("/tokenize", "post", tokens)
+    check("/v1/detokenize", "post", httpx.post(server + "/v1/detokenize", json={"tokens": tokens["tokens"]}, timeout=10).json())
+    check("/version", "get", httpx.get(server + "/version", timeout=10).json())
+    with pytest.raises(jsonschema.ValidationError):
+        check("/tokenize", "post", {"tokens": ["a"], "count": 1, "max_model_len": 8})
+    assert "/metrics" in spec["paths"] and "/v1/health" in spec["paths"]
