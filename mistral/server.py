@@ -534,12 +534,16 @@ def create_app(
     # vLLM serves these at the root; under the API prefixes too, for clients that only know a base URL.
     tokens_api = APIRouter(dependencies=[Depends(check_key)])
 
+    async def read_tokens_body(request: Request, schema: type[BaseModel]) -> tuple["Mistral", Any]:
+        llm = backend.get()
+        req = await read_body(request, schema)
+        if req.model is not None:  # optional here, as in vLLM; a wrong one is still a 404
+            backend.served(req.model)
+        return llm, req
+
     @tokens_api.post("/tokenize", **_documented(TokenizeRequest, TokenizeResponse))
     async def tokenize(request: Request) -> dict:
-        llm = backend.get()
-        req: TokenizeRequest = await read_body(request, TokenizeRequest)
-        if req.model is not None:
-            backend.served(req.model)
+        llm, req = await read_tokens_body(request, TokenizeRequest)
         call = asyncio.to_thread(llm.tokenize, req.prompt, messages=req.messages, tools=req.tools,
                                  continue_final_message=bool(req.continue_final_message),
                                  add_special_tokens=req.add_special_tokens)
@@ -548,10 +552,7 @@ def create_app(
 
     @tokens_api.post("/detokenize", **_documented(DetokenizeRequest, DetokenizeResponse))
     async def detokenize(request: Request) -> dict:
-        llm = backend.get()
-        req: DetokenizeRequest = await read_body(request, DetokenizeRequest)
-        if req.model is not None:
-            backend.served(req.model)
+        llm, req = await read_tokens_body(request, DetokenizeRequest)
         return {"prompt": await _calling(asyncio.to_thread(llm.detokenize, req.tokens))}
 
     app = FastAPI(title="Mistral-7B-Instruct-v0.3 (OpenAI-compatible)", lifespan=lifespan, redoc_url=None)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ openai = pytest.importorskip("openai")
 
 from mistral.args import preset  # noqa: E402
 from mistral.make_random import make_random  # noqa: E402
-from tests.test_server import free_port, wait_healthy  # noqa: E402
+from tests.test_server import serving as served  # noqa: E402
 
 MODEL = "small"
 ORIGIN = "https://app.example.com"
@@ -30,25 +29,9 @@ def weights(tmp_path_factory) -> Path:
     return make_random(tmp_path_factory.mktemp("ops"), preset("small"), "consolidated", "float32")
 
 
-@contextmanager
 def serving(weights: Path, log: Path, *flags: str):
-    port = free_port()
-    cmd = [sys.executable, "-m", "mistral.cli", "serve", str(weights), "--port", str(port), "--served-model-name",
-           MODEL, "--max-batch", "2", "--max-seq-len", "128", "--device", "cpu", "--kernels", "torch",
-           "--threads", "1", *flags]
     env = {k: v for k, v in os.environ.items() if k != "MISTRAL_API_KEY"}
-    with open(log, "w") as output:  # the access log goes to stdout, the rest to stderr
-        process = subprocess.Popen(cmd, env=env, stdout=output, stderr=subprocess.STDOUT)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(root, process=process, log=log)
-        yield root
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    return served(weights, log, env, "--served-model-name", MODEL, "--max-batch", "2", "--max-seq-len", "128", *flags)
 
 
 @pytest.fixture(scope="module")
