@@ -510,6 +510,10 @@ def add_serve(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's, one per core)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running answers may take to finish before they are cut (default 30)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="browser origins allowed by CORS, e.g. https://app.example.com, or '*' for any "
+                        "(default: none, no CORS headers)")
+    p.add_argument("--no-access-log", action="store_true", help="no log line per request (uvicorn's access log, on stdout; on by default)")
     p.set_defaults(run=cmd_serve)
 
 
@@ -567,9 +571,13 @@ def cmd_serve(a) -> None:
         failed.append(e)
         server.should_exit = True
 
-    app = create_app(load, api_key=api_key, served_model_name=a.served_model_name, on_load_error=stop_on_load_error)
-    server = uvicorn.Server(uvicorn_config(app, host=a.host, port=a.port, shutdown_timeout=a.shutdown_timeout,
-                                           log_level="info" if a.verbose else "warning"))
+    app = create_app(load, api_key=api_key, served_model_name=a.served_model_name, on_load_error=stop_on_load_error,
+                     allowed_origins=a.allowed_origins)
+    config = uvicorn_config(app, host=a.host, port=a.port, shutdown_timeout=a.shutdown_timeout,
+                            log_level="info" if a.verbose else "warning", access_log=not a.no_access_log)
+    if not a.no_access_log:  # uvicorn's own lines stay at `warning` unless -v; the access log is on anyway
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    server = uvicorn.Server(config)
     print(f"mistral serve: loading {a.weights}; listening on {url} (GET /health is 503 until the model is ready)",
           file=sys.stderr, flush=True)
     # uvicorn raises the signal it stopped on again once it has shut down; SIGTERM is how

@@ -46,6 +46,16 @@ from .sampling import BatchFlags, SamplingTensors, mask_words, sample, token_log
 log = logging.getLogger("mistral")
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int                # sequences queued for a row
+    running: int                # sequences holding a row
+    kv_blocks_total: int
+    kv_blocks_used: int         # held by sequences or kept as cached prefix blocks
+    prefix_cache_queries: int   # prompt tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int      # of those, tokens served from the cache, cumulative
+
+
 @dataclass
 class GenerationParams:
     """How one sequence is generated (validated by the layer above)."""
@@ -182,7 +192,15 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._cancelled)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
+        """The figures a server exports as metrics. A block is a cache row here; no prefix cache yet."""
+        with self._cv:
+            running, waiting = len(self.running), len(self.waiting)
+        return EngineStats(waiting=waiting, running=running, kv_blocks_total=self.max_batch,
+                           kv_blocks_used=running, prefix_cache_queries=0, prefix_cache_hits=0)
+
+    def rows(self) -> dict:
+        """Rows running, waiting and free: to watch batching and cancellation (/debug/engine)."""
         return {
             "max_batch": self.max_batch,
             "running": len(self.running),

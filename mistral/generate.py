@@ -63,6 +63,26 @@ class Mistral:
     def max_seq_len(self) -> int:
         return self.engine.max_seq_len
 
+    def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None, tools: list[dict] | None = None,
+                 continue_final_message: bool = False, add_special_tokens: bool | None = None) -> list[int]:
+        """The ids the model would read: of a text `prompt` (after <s> unless add_special_tokens is
+        false), or of chat `messages` in the v3 chat format (which always starts with <s>)."""
+        if (prompt is None) == (messages is None):
+            raise RequestError("give either 'prompt' or 'messages'", param="prompt" if messages is None else "messages")
+        if messages is not None:
+            return encode_chat(self.tokenizer, messages, tools, continue_final_message=continue_final_message)
+        if not isinstance(prompt, str):
+            raise RequestError(f"'prompt' must be a string, got {type(prompt).__name__}", param="prompt")
+        return self.tokenizer.encode(prompt, bos=add_special_tokens is not False)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids; an id outside the vocabulary is a RequestError naming its index."""
+        for i, t in enumerate(tokens):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.tokenizer.vocab_size:
+                raise RequestError(f"tokens[{i}]: {t!r} is not a token id (0 to {self.tokenizer.vocab_size - 1})",
+                                   param="tokens")
+        return self.tokenizer.decode(list(tokens))
+
     @classmethod
     def from_pretrained(
         cls,

@@ -105,17 +105,22 @@ class ChunkChoice(_Open):
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(_Open):
-    """One server-sent event of `POST /chat/completions` with `stream: true`; the stream ends with
-    `data: [DONE]`. With `stream_options.include_usage`, the last chunk has no choices and a usage."""
+class _Generated(_Open):
+    """The fields a streamed chat chunk and a text completion share (each adds `object` and `choices`)."""
 
     id: str
-    object: Literal["chat.completion.chunk"]
     created: int
     model: str
     system_fingerprint: str | None = None
-    choices: list[ChunkChoice]
     usage: Usage | None = None
+
+
+class ChatCompletionChunk(_Generated):
+    """One server-sent event of `POST /chat/completions` with `stream: true`; the stream ends with
+    `data: [DONE]`. With `stream_options.include_usage`, the last chunk has no choices and a usage."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChunkChoice]
 
 
 class CompletionLogprobs(_Open):
@@ -132,17 +137,12 @@ class CompletionChoice(_Open):
     logprobs: CompletionLogprobs | None = None
 
 
-class Completion(_Open):
+class Completion(_Generated):
     """`POST /completions`; streamed, each server-sent event has this shape too (a piece of the text
     per choice), and the stream ends with `data: [DONE]`."""
 
-    id: str
     object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class Model(_Open):
@@ -157,4 +157,19 @@ class ModelList(_Open):
     data: list[Model]
 
 
-RESPONSES = (ChatCompletion, ChatCompletionChunk, Completion, Model, ModelList)
+class TokenizeResponse(_Open):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(_Open):
+    prompt: str
+
+
+class Version(_Open):
+    version: str
+
+
+RESPONSES = (ChatCompletion, ChatCompletionChunk, Completion, Model, ModelList, TokenizeResponse, DetokenizeResponse,
+             Version)

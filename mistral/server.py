@@ -7,9 +7,11 @@ Routes, under both `/v1` and `/v3/openai` (the provider page's base URL path):
 
     POST /chat/completions     POST /completions     GET /models     GET /models/{name}
     GET  /debug/engine         (rows running, waiting and free: to watch batching and cancellation)
+    POST /tokenize             POST /detokenize      (vLLM's shapes; at the root too, as vLLM has them)
 
-and `GET /health` at the root, without a key: 503 while the model loads, then 200; `GET /openapi.json`
-(the request schemas below, the error body) and `GET /docs` (its interactive page), without a key too.
+and, without a key: `GET /health` (and `/v1/health`): 503 while the model loads, then 200; `GET /version`;
+`GET /metrics` (Prometheus text, metrics.py); `GET /openapi.json` (the request schemas below, the error
+body) and `GET /docs` (its interactive page). With `allowed_origins`, CORS headers for those origins.
 
 This layer is thin, as vLLM's is: it checks the key, reads the JSON body against the schemas below,
 hands the parameters to `Mistral.acreate_chat_completion` / `acreate_completion` (which validate
@@ -47,14 +49,18 @@ import h11
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import RequestError
+from .metrics import Metrics
 from .generate import dumps
-from .response_schema import RESPONSES, ChatCompletion, ChatCompletionChunk, Completion, Model, ModelList
+from .response_schema import (RESPONSES, ChatCompletion, ChatCompletionChunk, Completion, DetokenizeResponse, Model,
+                              ModelList, TokenizeResponse, Version)
 
 if TYPE_CHECKING:
     from .generate import Mistral
@@ -157,6 +163,22 @@ class CompletionRequest(_GenerationRequest):
             params["top_logprobs"] = params["logprobs"]
             params["logprobs"] = True
         return params
+
+
+class TokenizeRequest(_Schema):
+    """vLLM's /tokenize: a text `prompt`, or chat `messages` (with `tools`) rendered as a chat prompt."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None  # checked in prompt.py
+    tools: list[dict[str, Any]] | None = None
+    continue_final_message: bool | None = None
+    add_special_tokens: bool | None = None  # <s> before a text prompt (default true); a chat prompt always has it
+
+
+class DetokenizeRequest(_Schema):
+    model: str | None = None
+    tokens: list[int]
 
 
 # OpenAI parameters this server knows but does not implement: accepted and ignored like unknown
@@ -418,6 +440,7 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     on_load_error: Callable[[BaseException], None] | None = None,
     body_timeout: float = BODY_TIMEOUT_S,
+    allowed_origins: list[str] | None = None,
 ) -> FastAPI:
     """The ASGI app. Give it a loaded `Mistral`, or a function that loads one (run on a background
     thread at startup, so that /health can answer 503 meanwhile). The app starts the model's engine
@@ -427,11 +450,13 @@ def create_app(
     served_model_name: the name clients must ask for (default: the model's own `model_name`).
     on_load_error: called with the exception if the loader fails (the CLI stops the server).
     body_timeout: seconds a body may pause between two pieces before the answer is a 408.
+    allowed_origins: browser origins allowed by CORS (`["*"]`: any); none by default, no CORS headers.
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: give a key, or None for a server without one")
     backend = _Backend(llm_or_loader, served_model_name, on_load_error)
     key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+    metrics = Metrics(lambda: backend.llm.engine.stats() if backend.llm is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -492,29 +517,65 @@ def create_app(
         backend.get()  # 503 while loading, before reading the body
         req: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
         llm = backend.served(req.model)
-        return await _answer(request, bool(req.stream), llm.acreate_chat_completion(req.messages, **req.params()), backend)
+        return await _answer(request, bool(req.stream), llm.acreate_chat_completion(req.messages, **req.params()), backend,
+                             metrics)
 
     @api.post("/completions", **_documented(CompletionRequest, Completion, Completion))
     async def completions(request: Request) -> Response:
         backend.get()
         req: CompletionRequest = await read_body(request, CompletionRequest)
         llm = backend.served(req.model)
-        return await _answer(request, bool(req.stream), llm.acreate_completion(req.prompt, **req.params()), backend)
+        return await _answer(request, bool(req.stream), llm.acreate_completion(req.prompt, **req.params()), backend, metrics)
 
     @api.get("/debug/engine")
     async def engine_state() -> dict:
-        return {**backend.get().engine.stats(), "open_streams": backend.open_streams}
+        return {**backend.get().engine.rows(), "open_streams": backend.open_streams}
+
+    # vLLM serves these at the root; under the API prefixes too, for clients that only know a base URL.
+    tokens_api = APIRouter(dependencies=[Depends(check_key)])
+
+    async def read_tokens_body(request: Request, schema: type[BaseModel]) -> tuple["Mistral", Any]:
+        llm = backend.get()
+        req = await read_body(request, schema)
+        if req.model is not None:  # optional here, as in vLLM; a wrong one is still a 404
+            backend.served(req.model)
+        return llm, req
+
+    @tokens_api.post("/tokenize", **_documented(TokenizeRequest, TokenizeResponse))
+    async def tokenize(request: Request) -> dict:
+        llm, req = await read_tokens_body(request, TokenizeRequest)
+        call = asyncio.to_thread(llm.tokenize, req.prompt, messages=req.messages, tools=req.tools,
+                                 continue_final_message=bool(req.continue_final_message),
+                                 add_special_tokens=req.add_special_tokens)
+        ids = await _calling(call)
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.max_seq_len}
+
+    @tokens_api.post("/detokenize", **_documented(DetokenizeRequest, DetokenizeResponse))
+    async def detokenize(request: Request) -> dict:
+        llm, req = await read_tokens_body(request, DetokenizeRequest)
+        return {"prompt": await _calling(asyncio.to_thread(llm.detokenize, req.tokens))}
 
     app = FastAPI(title="Mistral-7B-Instruct-v0.3 (OpenAI-compatible)", lifespan=lifespan, redoc_url=None)
     for prefix in ("/v1", "/v3/openai"):
         app.include_router(api, prefix=prefix)
+    for prefix in ("", "/v1", "/v3/openai"):
+        app.include_router(tokens_api, prefix=prefix)
     app.openapi = lambda: app.openapi_schema or _openapi(app)  # /openapi.json and /docs, without a key
 
     @app.get("/health")
+    @app.get("/v1/health")
     async def health() -> Response:
         if backend.llm is None:
             return backend.not_ready().response()
         return JSONResponse({"status": "ok", "model": backend.llm.model_name})
+
+    @app.get("/version", response_model=None, responses={200: {"model": Version}})
+    async def version() -> dict:
+        return {"version": _version()}
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, e: APIError) -> Response:
@@ -543,10 +604,51 @@ def create_app(
         return APIError(500, "The server had an error while processing your request.").response()
 
     app.state.backend = backend
+    app.state.metrics = metrics
+    app.add_middleware(_Counted, metrics=metrics)
+    if allowed_origins:
+        # Outermost, so that even a 401 carries the headers a browser needs to read it.
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in allowed_origins)
     return app
 
 
-def _documented(schema: type[BaseModel], answer: type[BaseModel], chunk: type[BaseModel]) -> dict:
+class _Counted:
+    """Counts each answer by route and status and times it to its last byte (a stream's too)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")  # its path template, without /v1 or /v3/openai: few label values
+            endpoint = getattr(route, "path", None) or "unknown"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()
+            if endpoint.endswith("completions"):
+                self.metrics.e2e.observe(time.perf_counter() - start)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mistral-from-scratch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _documented(schema: type[BaseModel], answer: type[BaseModel], chunk: type[BaseModel] | None = None) -> dict:
     """The OpenAPI description of a generation route. The routes read their bodies themselves (to
     count bytes and name fields as OpenAI does), so the request schema is declared here; the answers'
     schemas are response_schema.py's."""
@@ -554,9 +656,12 @@ def _documented(schema: type[BaseModel], answer: type[BaseModel], chunk: type[Ba
         (400, "a bad request"), (401, "a missing or wrong key"), (404, "an unknown model"), (408, "a body that stopped"),
         (413, "a body over the limit"), (429, "the queue is full"), (503, "the model is loading"))}
     ref = lambda model: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}  # noqa: E731
-    ok = {"description": f"a `{answer.__name__}`; with `stream: true`, server-sent events each holding a "
-                         f"`{chunk.__name__}`, then `data: [DONE]` (OpenAI's shapes)",
-          "content": {"application/json": ref(answer), "text/event-stream": ref(chunk)}}
+    if chunk is None:
+        ok = {"description": f"a `{answer.__name__}`", "content": {"application/json": ref(answer)}}
+    else:
+        ok = {"description": f"a `{answer.__name__}`; with `stream: true`, server-sent events each holding a "
+                             f"`{chunk.__name__}`, then `data: [DONE]` (OpenAI's shapes)",
+              "content": {"application/json": ref(answer), "text/event-stream": ref(chunk)}}
     body = {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}
     return {"openapi_extra": {"requestBody": body}, "responses": {200: ok, **errors}}
 
@@ -566,7 +671,7 @@ def _openapi(app: FastAPI) -> dict:
 
     spec = get_openapi(title=app.title, version="1", routes=app.routes)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ChatCompletionRequest, CompletionRequest, *RESPONSES):
+    for model in (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest, *RESPONSES):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -581,14 +686,18 @@ def _model_card(name: str, created: int) -> dict:
 # --- answering -----------------------------------------------------------------------------------------
 
 
-async def _answer(request: Request, stream: bool, call: Awaitable, backend: _Backend) -> Response:
+async def _answer(request: Request, stream: bool, call: Awaitable, backend: _Backend, metrics: Metrics) -> Response:
     """Run a generation call; a JSON answer, or an SSE stream once the first chunk is out."""
+    start = time.perf_counter()
     if not stream:
-        return JSONResponse(await _unless_disconnected(request, _calling(call)))
+        answer = await _unless_disconnected(request, _calling(call))
+        metrics.ttft.observe(time.perf_counter() - start)  # the whole answer is its first token's arrival
+        metrics.usage(answer.get("usage"))
+        return JSONResponse(answer)
     chunks: AsyncIterator[dict] = await _calling(call)  # the parameters are checked here, before any chunk
     # The first chunk submits the request to the engine: a full queue is still a plain 429 answer.
     first = await _unless_disconnected(request, _calling(anext(chunks, None)))
-    return StreamingResponse(_events(first, chunks, backend), media_type="text/event-stream",
+    return StreamingResponse(_events(first, chunks, backend, metrics, start), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -623,25 +732,54 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-async def _events(first: dict | None, chunks: AsyncIterator[dict], backend: _Backend) -> AsyncIterator[str]:
+async def _events(first: dict | None, chunks: AsyncIterator[dict], backend: _Backend, metrics: Metrics,
+                  start: float) -> AsyncIterator[str]:
     """Server-sent events: `data: {chunk}` per chunk, then `data: [DONE]`.
 
     If the client goes away, Starlette cancels this generator's task (or drops the generator): the
     CancelledError or GeneratorExit runs the `finally` of `chunks`, which cancels the request.
     """
     backend.open_streams += 1
+    last = None  # when the last chunk with tokens went out
+    counted = {"completion_tokens": 0}  # chunks with text, unless the stream ends with its usage
+
+    def timed(chunk: dict) -> None:
+        nonlocal last, counted
+        if chunk.get("usage"):
+            counted = chunk["usage"]
+        if not _carries_tokens(chunk):
+            return
+        counted["completion_tokens"] += 1
+        now = time.perf_counter()
+        if last is None:
+            metrics.ttft.observe(now - start)
+        else:
+            metrics.itl.observe(now - last)
+        last = now
+
     try:
         if first is not None:
+            timed(first)
             yield _sse(first)
         async for chunk in chunks:
+            timed(chunk)
             yield _sse(chunk)
     except Exception:  # the engine failed after the 200 went out: say so in the stream, as OpenAI does
         log.exception("generation failed mid-stream")
         yield _sse(APIError(500, "The server had an error while processing your request.").body())
     finally:
         backend.open_streams -= 1
+        metrics.usage(counted)
         await chunks.aclose()
     yield "data: [DONE]\n\n"
+
+
+def _carries_tokens(chunk: dict) -> bool:
+    for choice in chunk.get("choices", ()):
+        delta = choice.get("delta", choice)  # a chat chunk's delta, or a completion chunk's choice
+        if delta.get("content") or delta.get("text") or delta.get("tool_calls"):
+            return True
+    return False
 
 
 def _sse(obj: dict) -> str:

@@ -101,16 +101,22 @@ def weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(weights, tmp_path_factory):
     """`mistral serve` in a subprocess; yields its root URL (http://127.0.0.1:PORT)."""
+    log = tmp_path_factory.mktemp("serve") / "output.txt"  # a file, not a pipe nobody reads
+    with serving(weights, log, {**os.environ, "MISTRAL_API_KEY": KEY}, "--served-model-name", MODEL,
+                 "--max-batch", str(MAX_BATCH), "--max-seq-len", str(MAX_SEQ_LEN)) as root:
+        yield root
+
+
+@contextlib.contextmanager
+def serving(weights: Path, log: Path, env: dict, *flags: str):
+    """`mistral serve WEIGHTS FLAGS` on a free loopback port, its output in `log`; yields its root URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "stderr.txt"  # a file, not a pipe nobody reads
-    env = {**os.environ, "MISTRAL_API_KEY": KEY}
     # One CPU thread for the model: the test's clients and the server's HTTP loop share the cores, and
     # OpenMP workers that wait for a busy core make every step many times slower.
-    cmd = [sys.executable, "-m", "mistral.cli", "serve", str(weights), "--port", str(port),
-           "--served-model-name", MODEL, "--max-batch", str(MAX_BATCH), "--max-seq-len", str(MAX_SEQ_LEN),
-           "--device", "cpu", "--kernels", "torch", "--threads", "1"]
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    cmd = [sys.executable, "-m", "mistral.cli", "serve", str(weights), "--port", str(port), "--device", "cpu",
+           "--kernels", "torch", "--threads", "1", *flags]
+    with open(log, "w") as output:  # the access log goes to stdout, the rest to stderr
+        process = subprocess.Popen(cmd, env=env, stdout=output, stderr=subprocess.STDOUT)
     root = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(root, process=process, log=log)
