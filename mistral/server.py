@@ -503,7 +503,7 @@ def create_app(
 
     @api.get("/debug/engine")
     async def engine_state() -> dict:
-        return {**backend.get().engine.stats(), "open_streams": backend.open_streams}
+        return {**backend.get().engine.debug_state(), "open_streams": backend.open_streams}
 
     app = FastAPI(title="Mistral-7B-Instruct-v0.3 (OpenAI-compatible)", lifespan=lifespan, redoc_url=None)
     for prefix in ("/v1", "/v3/openai"):
