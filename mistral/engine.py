@@ -322,23 +322,28 @@ class Engine:
 
     def _prefill_some(self) -> None:
         """Read the prompts of the sequences holding a row, oldest first: all of them, or with
-        `prefill_chunk` at most that many tokens this step, so that the decode step that follows
-        (the running rows' next tokens) waits for no more than one chunk. Each chunk runs alone, so a
-        prompt's numbers never depend on its neighbours; a chunk that fails finishes that sequence."""
-        budget = self.prefill_chunk or self.max_seq_len
-        while self.prefilling and budget > 0:
+        `prefill_chunk`, chunks of that many tokens while they fit in that many this step (always
+        one), so that the running rows' next decode step waits for about one chunk. A prompt's chunks
+        are cut the same way whatever else runs, and each runs alone, so its numbers never depend
+        on its neighbours; a chunk that fails finishes that sequence alone."""
+        chunk = self.prefill_chunk or self.max_seq_len
+        budget = chunk
+        while self.prefilling:
             seq = self.prefilling[0]
+            size = min(chunk, len(seq.prompt) - seq.length)
+            if size > budget and budget < chunk:
+                return
+            budget -= size
             try:
-                budget -= self._prefill_chunk(seq, budget)
+                self._prefill_chunk(seq, seq.length + size)
             except Exception as e:  # one prompt's failure is that sequence's alone
                 log.exception("prefill failed")
                 self._finish(seq, FinishEvent("error", f"{type(e).__name__}: {e}"))
 
-    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
-        """The next (at most `budget`) prompt tokens of `seq` into its blocks; after the last, its
-        first token. Returns the tokens read."""
+    def _prefill_chunk(self, seq: Sequence, stop: int) -> None:
+        """The prompt tokens of `seq` from where it stands to `stop` into its blocks; after the last,
+        its first token."""
         start, n = seq.length, len(seq.prompt)
-        stop = min(n, start + budget)
         dev = self.device
         tokens = torch.tensor([seq.prompt[start:stop]], dtype=torch.long, device=dev)
         # Through the sequence's own table: its row of the engine's table stays on the scratch block
@@ -350,7 +355,6 @@ class Engine:
             self.pool.register(seq.blocks, seq.prompt[:stop])
         if stop == n:
             self._start_decoding(seq, logits)
-        return stop - start
 
     def _start_decoding(self, seq: Sequence, logits: torch.Tensor) -> None:
         """The prompt is read: the row joins the decode batch, with its first token sampled from `logits`."""
