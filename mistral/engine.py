@@ -1,14 +1,22 @@
-"""The generation engine: many sequences decoded together over one preallocated KV cache.
+"""The generation engine: many sequences decoded together over one paged KV cache.
 
-Continuous batching: the cache has `max_batch` rows; a sequence owns one row from the step it is
-admitted until it finishes. Each `step()`:
+Continuous batching: the engine has `max_batch` rows; a sequence owns one row from the step it is
+admitted until it finishes, and the blocks of the KV-cache pool its positions need (kv_cache.py).
+Each `step()`:
 
-    1. drops cancelled sequences, waiting or running, and frees their rows;
-    2. admits waiting sequences into the rows now free, never more: a prefill of the prompt (alone,
-       so a prompt's numbers never depend on its neighbours), and the first token sampled; a
-       prefill that fails finishes that sequence alone, with an error;
-    3. runs one decode step for every running row at once: one token in, one token out per row
+    1. drops cancelled sequences, waiting, prefilling or running, and frees their rows and blocks;
+    2. admits waiting sequences, first come first served, while a row and the blocks for the whole
+       sequence (prompt and max_tokens) are free; with prefix caching, the cached blocks of the
+       prompt's longest known prefix are shared instead of computed again;
+    3. reads prompts: each admitted prompt's uncached tokens, alone (so a prompt's numbers never
+       depend on its neighbours), or with `prefill_chunk` about that many tokens a step, so that
+       running rows keep decoding while a long prompt is read; after a prompt's last token, its
+       first token is sampled; a prefill that fails finishes that sequence alone, with an error;
+    4. runs one decode step for every running row at once: one token in, one token out per row
        (a failure here fails the rows of that batch, which share it).
+
+A sequence that finishes offers its full blocks (prompt and answer) to the prefix cache, so the
+next turn of a conversation reads them back.
 
 Tokens go out through each sequence's `emit` callback as `TokenEvent`s, then one `FinishEvent`.
 The engine knows token ids only: text, stop strings and chat formats live in the layers above

@@ -141,7 +141,8 @@ TORCH_OPS = Ops("torch", linear, rms_norm, add_rms_norm, apply_rotary_emb, atten
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once up front.
+    """Keys and values of every layer, allocated once up front, one row per sequence. (The engine's
+    cache is the paged `kv_cache.PagedKVCache`, with the same `view` / `update` / `read`.)
 
     k[layer] and v[layer] are [max_batch, n_kv_heads, max_seq_len, head_dim]. A forward pass writes
     the new tokens' keys and values at explicit per-row positions (a tensor, so no host sync), which
