@@ -41,7 +41,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(weights: Path, a) -> tuple[subprocess.Popen, str]:
+def start_server(weights: Path, a, extra: tuple[str, ...] = (), cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`mistral serve` with the flags of `a` and `extra`, from the checkout at `cwd` (default: this one)."""
     port = free_port()
     cmd = [sys.executable, "-m", "mistral.cli", "serve", str(weights), "--port", str(port), "--served-model-name",
            a.model, "--max-batch", str(a.max_batch), "--max-seq-len", str(a.max_seq_len), "--kernels", a.kernels]
@@ -52,7 +53,8 @@ def start_server(weights: Path, a) -> tuple[subprocess.Popen, str]:
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     env = {**os.environ, "MISTRAL_API_KEY": a.api_key}
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cmd + list(extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
