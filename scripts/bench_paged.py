@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from bench_server import level, start_server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent.parent
@@ -40,6 +40,8 @@ SYSTEM = " ".join(f"Rule {i}: answer briefly, cite the source, and keep a friend
 
 def p(values: list[float], q: float) -> float:
     values = sorted(values)
+    if not values:
+        return float("nan")
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
