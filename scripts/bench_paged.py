@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 import httpx
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from bench_server import level, start_server  # noqa: E402
+from bench_server import level, sse_chunks, start_server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent.parent
 SYSTEM = " ".join(f"Rule {i}: answer briefly, cite the source, and keep a friendly tone." for i in range(60))  # ~1,000 tokens
@@ -51,18 +50,12 @@ async def chat(http, url, a, messages, max_tokens=32) -> tuple[float, list[float
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     times, text, cached = [], "", 0
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise SystemExit(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                times.append(time.perf_counter())
-                text += chunk["choices"][0]["delta"]["content"]
+    async for chunk in sse_chunks(http, f"{url}/v1/chat/completions", body):
+        if chunk.get("usage"):
+            cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            times.append(time.perf_counter())
+            text += chunk["choices"][0]["delta"]["content"]
     return (times[0] - start if times else float("nan")), times, text, cached
 
 

@@ -76,18 +76,22 @@ async def one_request(http: httpx.AsyncClient, url: str, a, prompt: str) -> tupl
             "ignore_eos": True, "temperature": a.temperature, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, tokens = None, 0
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+    async for chunk in sse_chunks(http, f"{url}/v1/chat/completions", body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            ttft = time.perf_counter() - start
+    return ttft if ttft is not None else float("nan"), tokens
+
+
+async def sse_chunks(http: httpx.AsyncClient, url: str, body: dict):
+    """The parsed chunks of one streamed request."""
+    async with http.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             raise SystemExit(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - start
-    return ttft if ttft is not None else float("nan"), tokens
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
 
 
 async def level(url: str, a, clients: int) -> dict:

@@ -5,14 +5,11 @@ the block pool's bookkeeping checked against what was run."""
 import torch
 import pytest
 
-from mistral.args import ModelArgs
 from mistral.engine import Engine, EngineStats, FinishEvent, GenerationParams, TokenEvent
 from mistral.kv_cache import BlockPool, bytes_per_block
 from mistral.loader import load_model
 from mistral.make_random import make_random
-
-ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
-                 norm_eps=1e-5, vocab_size=512, rope_theta=1e6)
+from test_engine import ARGS
 GREEDY = GenerationParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
