@@ -4,6 +4,7 @@
     rope.py               apply_rotary_emb (queries and keys in one launch)
     swiglu.py             silu_mul (SwiGLU's elementwise gate)
     decode_attention.py   one new token per row: GQA-packed, split-KV, per-row lengths
+    paged_decode_attention.py  the same over a paged cache (a pool of blocks and a block table per row)
     prefill_attention.py  many new tokens per row: causal, GQA, flash-style, optional sliding window
     quant_matmul.py       int8 / int4 weight-only matmul for a few rows (mistral/quantize.py uses it on CUDA)
 

@@ -28,9 +28,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-from . import _common, decode_attention, prefill_attention, quant_matmul, rmsnorm, rope, swiglu  # noqa: E402
+from . import _common, decode_attention, paged_decode_attention, prefill_attention, quant_matmul, rmsnorm, rope, swiglu  # noqa: E402
 
-MODULES = (rmsnorm, rope, swiglu, decode_attention, prefill_attention, quant_matmul)
+MODULES = (rmsnorm, rope, swiglu, decode_attention, paged_decode_attention, prefill_attention, quant_matmul)
 MISTRAL_7B = "4096,32,8,128,14336"  # dim, n_heads, n_kv_heads, head_dim, hidden_dim of Mistral-7B-v0.3
 SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block
 
@@ -93,6 +93,9 @@ def _cases(shapes: str, dtype: torch.dtype):
         for splits in (1, 16):
             yield f"decode_attention splits={splits} window={window}", lambda s=splits, w=window: (
                 decode_attention.decode_attention(t(1, 1, H, D), cache, cache, pos, w, num_splits=s))
+        pool, table = t(257, 16, Hkv, D), torch.zeros(1, 256, dtype=torch.int32)  # 4096 positions in blocks of 16
+        yield f"paged_decode_attention window={window}", lambda w=window: (
+            paged_decode_attention.paged_decode_attention(t(1, 1, H, D), pool, pool, table, pos, w))
         for T in (7, 512):
             yield f"prefill_attention T={T} window={window}", lambda T=T, w=window: (
                 prefill_attention.prefill_attention(t(1, T, H, D), cache[:, :, :512], cache[:, :, :512], pos, w))

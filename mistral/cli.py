@@ -507,6 +507,12 @@ def add_serve(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name clients ask for (default: the folder's name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together: KV-cache rows")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a row; more get 429")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="GiB of KV-cache blocks shared by all sequences (default: max-batch x max-seq-len positions)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="don't reuse the cached keys and values of a prompt's prefix (a system prompt, earlier turns)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="read long prompts this many tokens per step, so running streams go on meanwhile (default 512)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's, one per core)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running answers may take to finish before they are cut (default 30)")
@@ -526,7 +532,7 @@ def cmd_serve(a) -> None:
     from .generate import Mistral
     from .server import create_app, uvicorn_config
 
-    for flag in ("port", "max_batch", "max_seq_len", "max_queue", "threads"):
+    for flag in ("port", "max_batch", "max_seq_len", "max_queue", "threads", "prefill_chunk", "kv_cache_gb"):
         value = getattr(a, flag)
         if value is not None and value < (0 if flag == "port" else 1):
             raise MistralError(f"--{flag.replace('_', '-')} must be positive, got {value}")
@@ -555,7 +561,9 @@ def cmd_serve(a) -> None:
         # independent of the others in the batch.
         llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, format=a.format, quantize=a.quantize,
                                       max_batch=a.max_batch, max_seq_len=a.max_seq_len, model_name=a.served_model_name,
-                                      fixed_batch_shape=True, max_waiting=a.max_queue, compile=a.compile)
+                                      fixed_batch_shape=True, max_waiting=a.max_queue, compile=a.compile,
+                                      kv_cache_gb=a.kv_cache_gb, prefix_caching=not a.no_prefix_caching,
+                                      prefill_chunk=a.prefill_chunk)
         if a.compile:
             print("mistral serve: compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
             llm.warm_up()

@@ -1,14 +1,22 @@
-"""The generation engine: many sequences decoded together over one preallocated KV cache.
+"""The generation engine: many sequences decoded together over one paged KV cache.
 
-Continuous batching: the cache has `max_batch` rows; a sequence owns one row from the step it is
-admitted until it finishes. Each `step()`:
+Continuous batching: the engine has `max_batch` rows; a sequence owns one row from the step it is
+admitted until it finishes, and the blocks of the KV-cache pool its positions need (kv_cache.py).
+Each `step()`:
 
-    1. drops cancelled sequences, waiting or running, and frees their rows;
-    2. admits waiting sequences into the rows now free, never more: a prefill of the prompt (alone,
-       so a prompt's numbers never depend on its neighbours), and the first token sampled; a
-       prefill that fails finishes that sequence alone, with an error;
-    3. runs one decode step for every running row at once: one token in, one token out per row
+    1. drops cancelled sequences, waiting, prefilling or running, and frees their rows and blocks;
+    2. admits waiting sequences, first come first served, while a row and the blocks for the whole
+       sequence (prompt and max_tokens) are free; with prefix caching, the cached blocks of the
+       prompt's longest known prefix are shared instead of computed again;
+    3. reads prompts: each admitted prompt's uncached tokens, alone (so a prompt's numbers never
+       depend on its neighbours), or with `prefill_chunk` about that many tokens a step, so that
+       running rows keep decoding while a long prompt is read; after a prompt's last token, its
+       first token is sampled; a prefill that fails finishes that sequence alone, with an error;
+    4. runs one decode step for every running row at once: one token in, one token out per row
        (a failure here fails the rows of that batch, which share it).
+
+A sequence that finishes offers its full blocks (prompt and answer) to the prefix cache, so the
+next turn of a conversation reads them back.
 
 Tokens go out through each sequence's `emit` callback as `TokenEvent`s, then one `FinishEvent`.
 The engine knows token ids only: text, stop strings and chat formats live in the layers above
@@ -31,6 +39,7 @@ decode step through torch.compile instead (see `_compile_step`).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -40,20 +49,11 @@ from typing import Any, Callable
 
 import torch
 
+from .kv_cache import BLOCK_SIZE, BlockPool, bytes_per_block
 from .model import Transformer
 from .sampling import BatchFlags, SamplingTensors, mask_words, sample, token_logprobs
 
 log = logging.getLogger("mistral")
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    waiting: int                # sequences queued for a row
-    running: int                # sequences holding a row
-    kv_blocks_total: int
-    kv_blocks_used: int         # held by sequences or kept as cached prefix blocks
-    prefix_cache_queries: int   # prompt tokens looked up in the prefix cache, cumulative
-    prefix_cache_hits: int      # of those, tokens served from the cache, cumulative
 
 
 @dataclass
@@ -97,6 +97,17 @@ class TokenEvent:
 class FinishEvent:
     reason: str  # "stop" (EOS), "length" (max_tokens or context end), "cancelled", "error"
     message: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int                # sequences queued for a row
+    running: int                # sequences holding a row
+    kv_blocks_total: int
+    kv_blocks_used: int         # held by sequences or kept as cached prefix blocks
+    prefix_cache_queries: int   # prompt tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int      # of those, tokens served from the cache, cumulative
 
 
 @dataclass(eq=False)
@@ -107,6 +118,9 @@ class Sequence:
     id: int = field(default_factory=itertools.count().__next__)
     row: int | None = None
     length: int = 0  # positions written to the cache
+    blocks: list[int] = field(default_factory=list)  # the KV-cache blocks of its positions, in order
+    cached: int = 0  # prompt tokens found in the prefix cache
+    output: list[int] = field(default_factory=list)  # the tokens sampled so far
     generated: int = 0
     finished: bool = False
     matcher: Any = None  # structured.Matcher: where the sequence is in its grammar
@@ -127,6 +141,10 @@ class Engine:
         max_waiting: int = 256,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        kv_cache_gb: float | None = None,
+        prefix_caching: bool = True,
+        prefill_chunk: int | None = None,
+        block_size: int = BLOCK_SIZE,
     ):
         self.model = model
         self.max_batch = max_batch
@@ -136,7 +154,19 @@ class Engine:
         self.max_waiting = max_waiting
         self.device = model.output.weight.device
         self.vocab_size = model.args.vocab_size
-        self.cache = model.new_cache(max_batch, self.max_seq_len)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        if kv_cache_gb is None:  # every row its whole context, as a cache of one row per sequence would hold
+            num_blocks = max_batch * -(-self.max_seq_len // block_size)
+        else:
+            num_blocks = int(kv_cache_gb * 2**30) // bytes_per_block(model.args, block_size, model.tok_embeddings.weight.dtype)
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_gb={kv_cache_gb} holds no block of {block_size} positions")
+        # + block 0, the scratch block that idle rows write to (kv_cache.py)
+        self.cache = model.new_paged_cache(num_blocks + 1, max_batch, self.max_seq_len, block_size)
+        self.pool = BlockPool(num_blocks + 1, block_size, prefix_caching)
+        self.prefix_queries = self.prefix_hits = 0
 
         R, dev = max_batch, self.device
         # per-row device state of the decode step
@@ -164,6 +194,7 @@ class Engine:
         self.compiled_step = self._compile_step() if compile else None  # None: eager (or fallen back to it)
 
         self.running: dict[int, Sequence] = {}  # row -> sequence
+        self.prefilling: collections.deque[Sequence] = collections.deque()  # holding a row, prompt not yet read
         self.free_rows = list(range(R))
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cancelled: set[int] = set()
@@ -190,25 +221,28 @@ class Engine:
             self._cv.notify()
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._cancelled)
+        return bool(self.running or self.prefilling or self.waiting or self._cancelled)
 
     def stats(self) -> EngineStats:
-        """The figures a server exports as metrics. A block is a cache row here; no prefix cache yet."""
         with self._cv:
-            running, waiting = len(self.running), len(self.waiting)
-        return EngineStats(waiting=waiting, running=running, kv_blocks_total=self.max_batch,
-                           kv_blocks_used=running, prefix_cache_queries=0, prefix_cache_hits=0)
+            return EngineStats(
+                waiting=len(self.waiting), running=len(self.running) + len(self.prefilling),
+                kv_blocks_total=self.pool.capacity, kv_blocks_used=self.pool.used,
+                prefix_cache_queries=self.prefix_queries, prefix_cache_hits=self.prefix_hits,
+            )
 
-    def rows(self) -> dict:
-        """Rows running, waiting and free: to watch batching and cancellation (/debug/engine)."""
-        return {
-            "max_batch": self.max_batch,
-            "running": len(self.running),
-            "waiting": len(self.waiting),
-            "free_rows": len(self.free_rows),
-            "rows": sorted(self.running),
-            "steps": self.steps,
-        }
+    def debug_state(self) -> dict:
+        """The rows and the step count, for the server's debug view."""
+        with self._cv:
+            return {
+                "max_batch": self.max_batch,
+                "running": len(self.running) + len(self.prefilling),
+                "waiting": len(self.waiting),
+                "free_rows": len(self.free_rows),
+                "rows": sorted(self.running),
+                "steps": self.steps,
+                "kv_blocks_free": self.pool.capacity - self.pool.used + len(self.pool.evictable),
+            }
 
     def serve_forever(self, stop: threading.Event) -> None:
         """Run steps whenever there is work, until `stop` is set (the server's engine thread)."""
@@ -238,17 +272,16 @@ class Engine:
             dropped = [s for s in self.waiting if s.id in cancelled] if cancelled else []
             if dropped:  # a cancelled sequence never takes a row, wherever it waits in the queue
                 self.waiting = collections.deque(s for s in self.waiting if s.id not in cancelled)
-        for seq in dropped + [s for s in self.running.values() if s.id in cancelled]:
+        holding = [*self.running.values(), *self.prefilling]
+        for seq in dropped + [s for s in holding if s.id in cancelled]:
             self._finish(seq, FinishEvent("cancelled"))
-        # Only now are the cancelled sequences' rows free: admit at most as many as there are.
+        # Only now are the cancelled sequences' rows and blocks free.
         with self._cv:
-            admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.free_rows)))]
-        for seq in admitted:
-            try:
-                self._prefill(seq)
-            except Exception as e:  # one prompt's failure is that sequence's alone
-                log.exception("prefill failed")
-                self._finish(seq, FinishEvent("error", f"{type(e).__name__}: {e}"))
+            admitted = self._admit()
+        for seq, error in admitted:
+            if error is not None:
+                self._finish(seq, FinishEvent("error", error))
+        self._prefill_some()
         if not self.running:
             return
         try:
@@ -258,19 +291,86 @@ class Engine:
             for seq in list(self.running.values()):
                 self._finish(seq, FinishEvent("error", f"{type(e).__name__}: {e}"))
 
-    def _prefill(self, seq: Sequence) -> None:
-        n = len(seq.prompt)
-        if n == 0 or n >= self.max_seq_len:
-            seq.finished = True
-            seq.emit(FinishEvent("error", f"the prompt has {n} tokens; the context holds {self.max_seq_len}"))
-            return
-        row = self.free_rows.pop(0)
-        seq.row, seq.length = row, n
+    # --- admission and prefill ------------------------------------------------------------------------
+
+    def _admit(self) -> list[tuple[Sequence, str | None]]:
+        """Take waiting sequences, first come first served, while a row and the blocks for the whole
+        sequence (prompt and max_tokens, within the context) are free; each with the error that
+        refuses it, if any. The first that must wait for blocks holds back those behind it, so a
+        long prompt is not starved by short ones. Called holding the lock."""
+        admitted, bs = [], self.pool.block_size
+        while self.waiting and self.free_rows:
+            seq = self.waiting[0]
+            n = len(seq.prompt)
+            positions = min(n + seq.params.max_tokens, self.max_seq_len)
+            error = None
+            if n == 0 or n >= self.max_seq_len:
+                error = f"the prompt has {n} tokens; the context holds {self.max_seq_len}"
+            elif self.pool.blocks_for(positions) > self.pool.capacity:
+                error = (f"the prompt has {n} tokens and its answer may take {positions - n} more: {positions} positions "
+                         f"do not fit in the KV cache pool of {self.pool.capacity * bs} positions "
+                         f"({self.pool.capacity} blocks of {bs}); raise --kv-cache-gb or lower max_tokens")
+            if error is not None:
+                admitted.append((self.waiting.popleft(), error))
+                continue
+            prefix = self.pool.match(seq.prompt[: n - 1])  # the last token is always computed: its logits are needed
+            new = self.pool.blocks_for(positions) - len(prefix)
+            if not self.pool.can_allocate(prefix, new):
+                break
+            self.waiting.popleft()
+            seq.blocks = self.pool.acquire(prefix, new)
+            seq.cached = seq.length = len(prefix) * bs
+            if self.pool.prefix_caching:
+                self.prefix_queries += n
+                self.prefix_hits += seq.cached
+            seq.row = self.free_rows.pop(0)
+            self.prefilling.append(seq)
+            admitted.append((seq, None))
+        return admitted
+
+    def _prefill_some(self) -> None:
+        """Read the prompts of the sequences holding a row, oldest first: all of them, or with
+        `prefill_chunk`, chunks of that many tokens while they fit in that many this step (always
+        one), so that the running rows' next decode step waits for about one chunk. A prompt's chunks
+        are cut the same way whatever else runs, and each runs alone, so its numbers never depend
+        on its neighbours; a chunk that fails finishes that sequence alone."""
+        chunk = self.prefill_chunk or self.max_seq_len
+        budget = chunk
+        while self.prefilling:
+            seq = self.prefilling[0]
+            size = min(chunk, len(seq.prompt) - seq.length)
+            if size > budget and budget < chunk:
+                return
+            budget -= size
+            try:
+                self._prefill_chunk(seq, seq.length + size)
+            except Exception as e:  # one prompt's failure is that sequence's alone
+                log.exception("prefill failed")
+                self._finish(seq, FinishEvent("error", f"{type(e).__name__}: {e}"))
+
+    def _prefill_chunk(self, seq: Sequence, stop: int) -> None:
+        """The prompt tokens of `seq` from where it stands to `stop` into its blocks; after the last,
+        its first token."""
+        start, n = seq.length, len(seq.prompt)
+        dev = self.device
+        tokens = torch.tensor([seq.prompt[start:stop]], dtype=torch.long, device=dev)
+        # Through the sequence's own table: its row of the engine's table stays on the scratch block
+        # until it decodes, since decode steps write their idle rows there.
+        cache = self.cache.with_table(torch.tensor([seq.blocks], dtype=torch.long, device=dev), length=stop)
+        logits = self.model(tokens, torch.tensor([start], dtype=torch.long, device=dev), cache, last_only=True)[:, -1]
+        seq.length = stop
+        with self._cv:
+            self.pool.register(seq.blocks, seq.prompt[:stop])
+        if stop == n:
+            self._start_decoding(seq, logits)
+
+    def _start_decoding(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """The prompt is read: the row joins the decode batch, with its first token sampled from `logits`."""
+        self.prefilling.remove(seq)
+        row = seq.row
         self.running[row] = seq
+        self.cache.block_table[row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
         self._set_row(seq)
-        tokens = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-        cache = self.cache.view(row, row + 1, length=n)
-        logits = self.model(tokens, torch.zeros(1, dtype=torch.long, device=self.device), cache, last_only=True)[:, -1]
         flags, first = self._flags([seq]), seq.params.first_token
         if flags.constrained and first is None:
             self._fill_masks([seq], row, row + 1)
@@ -373,7 +473,7 @@ class Engine:
         # and marking them static spares every call their shape guards (in Python, ~0.1 ms a step).
         rows = (self.tokens, self.pos, self.active, self.n_generated, self.min_tokens, self.temperature, self.top_k,
                 self.top_p, self.min_p, self.presence, self.frequency, self.repetition, self.seed, self.token_mask)
-        for t in (*self.cache.k, *self.cache.v, *rows):
+        for t in (*self.cache.k, *self.cache.v, self.cache.block_table, *rows):
             torch._dynamo.mark_static(t)
         # realize_opcount_threshold=0: store each intermediate rather than recompute it inside its
         # consumers. Otherwise inductor inlines an RMSNorm (its rsqrt included) into the inner loop
@@ -463,6 +563,7 @@ class Engine:
             else:
                 event = TokenEvent(token)
             seq.generated += 1
+            seq.output.append(token)
             if seq.matcher is not None:
                 seq.matcher.advance(token)
             seq.emit(event)
@@ -477,14 +578,23 @@ class Engine:
         if seq.finished:
             return
         seq.finished = True
-        if seq.row is not None and self.running.get(seq.row) is seq:
+        if seq.row is not None:
             row = seq.row
-            del self.running[row]
-            self.active[row] = 0
-            self.pos[row] = 0
+            if self.running.get(row) is seq:
+                del self.running[row]
+                self.active[row] = 0
+                self.pos[row] = 0
+                self.cache.block_table[row] = 0  # the scratch block (see kv_cache.py)
+            else:
+                self.prefilling.remove(seq)
             self.free_rows.append(row)
             self.free_rows.sort()
-        seq.emit(event)
+            with self._cv:
+                if event.reason != "error":  # after a failure, what was written is not trusted
+                    self.pool.register(seq.blocks, (seq.prompt + seq.output)[: seq.length])
+                self.pool.release(seq.blocks)
+            seq.blocks = []
+        seq.emit(dataclasses.replace(event, cached_tokens=seq.cached))
 
     # --- per-row settings ---------------------------------------------------------------------------
 

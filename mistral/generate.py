@@ -45,7 +45,8 @@ class Mistral:
 
     def __init__(self, model, tokenizer: Tokenizer, *, model_name: str = "mistral", max_batch: int = 8,
                  max_seq_len: int = 8192, fixed_batch_shape: bool = False, max_waiting: int = 256,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, kv_cache_gb: float | None = None,
+                 prefix_caching: bool = True, prefill_chunk: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -53,7 +54,8 @@ class Mistral:
             raise RequestError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is {model.args.vocab_size}")
         self.engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, eos_id=tokenizer.eos_id,
                              fixed_batch_shape=fixed_batch_shape, max_waiting=max_waiting, cuda_graphs=cuda_graphs,
-                             compile=compile)
+                             compile=compile, kv_cache_gb=kv_cache_gb, prefix_caching=prefix_caching,
+                             prefill_chunk=prefill_chunk)
         weight = model.output.weight
         self.system_fingerprint = f"mistral-from-scratch-{model.ops.name}-{str(weight.dtype).removeprefix('torch.')}-{weight.device.type}"
         self._thread: threading.Thread | None = None
@@ -99,6 +101,9 @@ class Mistral:
         max_waiting: int = 256,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        kv_cache_gb: float | None = None,
+        prefix_caching: bool = True,
+        prefill_chunk: int | None = None,
         token: str | None = None,
         revision: str | None = None,
         quiet: bool = False,
@@ -113,6 +118,9 @@ class Mistral:
         32768; 8192 x 8 rows of cache take 8 GiB in bf16). cuda_graphs: replay each decode step
         from a CUDA graph; default on for CUDA with the Triton kernels. compile: run each decode step through
         torch.compile, the fast path on the CPU (2-3.5x; the first step compiles, ~10 s to a minute).
+        kv_cache_gb: the KV cache's pool of blocks (default: max_batch x max_seq_len positions).
+        prefix_caching: reuse the cached blocks of a prompt's prefix (see engine.py). prefill_chunk:
+        read long prompts that many tokens per step, between the running rows' decode steps.
         token: default the HF_TOKEN variable. quantize: "int8", "int4" or "int4-128" quantizes the
         linear layers while loading, tensor by tensor (see quantize.py); dtype is then the activations'.
         """
@@ -130,7 +138,7 @@ class Mistral:
         name = model_name or (str(path_or_repo_id) if not Path(path_or_repo_id).exists() else Path(folder).name)
         return cls(model, tokenizer, model_name=name, max_batch=max_batch, max_seq_len=max_seq_len,
                    fixed_batch_shape=fixed_batch_shape, max_waiting=max_waiting, cuda_graphs=cuda_graphs,
-                   compile=compile)
+                   compile=compile, kv_cache_gb=kv_cache_gb, prefix_caching=prefix_caching, prefill_chunk=prefill_chunk)
 
     # --- the background engine thread (the server's mode) --------------------------------------------
 
@@ -452,6 +460,7 @@ class _Job:
         self.id = ("chat-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.choices = [_Choice(self, i) for i in range(len(prompts) * n)]  # choice p * n + i: sample i of prompt p
+        self.seqs: list = []  # the engine's sequences, once submitted
 
     @property
     def done(self) -> bool:
@@ -468,6 +477,7 @@ class _Job:
             for seq in seqs:
                 self.llm.engine.cancel(seq)
             raise RequestError(f"the server is busy: {e}", code="queue_full") from None
+        self.seqs = seqs
         return seqs
 
     def cancel_unfinished(self, seqs) -> None:
@@ -591,8 +601,9 @@ class _Job:
     def _usage(self) -> dict:
         completion = sum(c.tokens for c in self.choices)
         prompt = sum(len(ids) for ids in self.prompts)  # each prompt counted once, whatever n is
+        cached = sum(seq.cached for seq in self.seqs[:: self.n])  # as its first sample found it in the prefix cache
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": None, "completion_tokens_details": None}
+                "prompt_tokens_details": {"cached_tokens": cached}, "completion_tokens_details": None}
 
     def _token_text(self, token: int) -> tuple[str, list[int]]:
         tok = self.llm.tokenizer

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .kv_cache import BLOCK_SIZE, PagedKVCache
 
 # ---------------------------------------------------------------------------------------------
 # The primitive operations, in plain PyTorch. Shapes: B batch rows, T new tokens per row,
@@ -140,7 +141,8 @@ TORCH_OPS = Ops("torch", linear, rms_norm, add_rms_norm, apply_rotary_emb, atten
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once up front.
+    """Keys and values of every layer, allocated once up front, one row per sequence. (The engine's
+    cache is the paged `kv_cache.PagedKVCache`, with the same `view` / `update` / `read`.)
 
     k[layer] and v[layer] are [max_batch, n_kv_heads, max_seq_len, head_dim]. A forward pass writes
     the new tokens' keys and values at explicit per-row positions (a tensor, so no host sync), which
@@ -239,7 +241,7 @@ class Attention(nn.Module):
         input_pos: torch.Tensor,  # [B]
         cos: torch.Tensor,  # [B, T, D/2]
         sin: torch.Tensor,  # [B, T, D/2]
-        cache: KVCache,
+        cache: KVCache | PagedKVCache,
     ) -> torch.Tensor:  # [B, T, dim]
         B, T, _ = x.shape
         xq, xk, xv = self.project_qkv(x)
@@ -321,11 +323,18 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight  # in the activations' dtype, even with quantized linear layers
         return KVCache.allocate(self.args, max_batch, max_seq_len or self.max_seq_len, weight.device, weight.dtype)
 
+    def new_paged_cache(self, num_blocks: int, max_batch: int, max_seq_len: int | None = None,
+                        block_size: int = BLOCK_SIZE) -> PagedKVCache:
+        """The engine's cache: a pool of `num_blocks` blocks and a block table of `max_batch` rows (kv_cache.py)."""
+        weight = self.tok_embeddings.weight
+        return PagedKVCache.allocate(self.args, num_blocks, max_batch, max_seq_len or self.max_seq_len, block_size,
+                                     weight.device, weight.dtype)
+
     def forward(
         self,
         tokens: torch.Tensor,  # [B, T] int64
         input_pos: torch.Tensor | None = None,  # [B] int64: position of tokens[:, 0] in each row
-        cache: KVCache | None = None,  # rows 0..B-1 of the cache are the batch rows
+        cache: KVCache | PagedKVCache | None = None,  # rows 0..B-1 of the cache are the batch rows
         last_only: bool = False,  # return only the logits of the last position ([B, 1, V])
     ) -> torch.Tensor:  # [B, T, vocab_size], in the weights' dtype
         B, T = tokens.shape

@@ -529,7 +529,7 @@ def create_app(
 
     @api.get("/debug/engine")
     async def engine_state() -> dict:
-        return {**backend.get().engine.rows(), "open_streams": backend.open_streams}
+        return {**backend.get().engine.debug_state(), "open_streams": backend.open_streams}
 
     # vLLM serves these at the root; under the API prefixes too, for clients that only know a base URL.
     tokens_api = APIRouter(dependencies=[Depends(check_key)])

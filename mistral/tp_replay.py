@@ -2,12 +2,13 @@
 
 Only rank 0 has a tokenizer, a scheduler (the Engine) and, for `serve`, the HTTP server. Every call
 it makes into the model must run on all ranks at once, since each layer ends in a collective. The
-engine makes three kinds of call: allocate a KV cache (once), prefill one row (the prompt's tokens
-into rows r..r+1 of the cache), and decode rows 0..B-1 one token further. So rank 0's model is a
-`Leader`, which announces each call before making it:
+engine makes three kinds of call: allocate its paged KV cache (once), prefill (a chunk of) one
+prompt through that sequence's block table, and decode rows 0..B-1 one token further. So rank 0's
+model is a `Leader`, which announces each call before making it:
 
     header  [op, B, T, cache id, first row, last row + 1, cache length, last_only]   8 int64, gloo
     payload the call's token ids [B, T] and positions [B]                           int64, the model's group
+            (and for a paged cache, in place of the rows, its block table [B, n])
 
 and each other rank runs `follow`: it receives the header and the payload and makes the same call
 on its own shard and its own KV cache (its share of the heads). Nothing else is sent: the logits
@@ -34,10 +35,12 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from .kv_cache import BLOCK_SIZE, PagedKVCache
 from .model import KVCache, Transformer
 from .tp import Shard, TensorParallelError, collective
 
-EXIT, NEW_CACHE, FREE_CACHE, FORWARD = range(4)
+EXIT, NEW_CACHE, FREE_CACHE, FORWARD, NEW_PAGED_CACHE = range(5)
+PAGED = -1  # "first row" of a call through a paged cache: its block table follows the positions
 HEADER = 8  # int64s
 
 
@@ -60,13 +63,21 @@ class Leader:
 
     def new_cache(self, max_batch: int, max_seq_len: int | None = None) -> KVCache:
         max_seq_len = max_seq_len or self.model.max_seq_len
+        return self._new(NEW_CACHE, self.model.new_cache, max_batch, max_seq_len)
+
+    def new_paged_cache(self, num_blocks: int, max_batch: int, max_seq_len: int | None = None,
+                        block_size: int = BLOCK_SIZE) -> PagedKVCache:
+        max_seq_len = max_seq_len or self.model.max_seq_len
+        return self._new(NEW_PAGED_CACHE, self.model.new_paged_cache, num_blocks, max_batch, max_seq_len, block_size)
+
+    def _new(self, op: int, allocate, *args: int):
         with self._lock:
             for cache_id in [i for i, (ref, _, _) in self._caches.items() if ref() is None]:
                 self._announce(FREE_CACHE, cache_id)  # the followers drop their copy too
                 del self._caches[cache_id]
-            cache = self.model.new_cache(max_batch, max_seq_len)
+            cache = allocate(*args)
             cache_id = next(self._ids)
-            self._announce(NEW_CACHE, cache_id, max_batch, max_seq_len)
+            self._announce(op, cache_id, *args)
             k = cache.k[0]
             self._caches[cache_id] = (weakref.ref(cache), k.untyped_storage().data_ptr(), k.stride(0))
         return cache
@@ -89,8 +100,13 @@ class Leader:
             else:
                 cache_id, first = self._locate(cache)
                 pos = input_pos if input_pos is not None else torch.zeros(B, dtype=torch.long, device=tokens.device)
-                header = (B, T, cache_id, first, first + cache.max_batch, cache.length)
-                payload = torch.cat([tokens.reshape(-1), pos.reshape(-1)])
+                parts = [tokens.reshape(-1), pos.reshape(-1)]
+                if isinstance(cache, PagedKVCache):
+                    header = (B, T, cache_id, PAGED, cache.block_table.shape[1], cache.length)
+                    parts.append(cache.block_table.reshape(-1))
+                else:
+                    header = (B, T, cache_id, first, first + cache.max_batch, cache.length)
+                payload = torch.cat(parts)
             self._announce(FORWARD, *header, int(last_only))
             try:
                 collective(dist.broadcast, payload.to(torch.long).contiguous(), src=0, group=self.shard.group)
@@ -114,7 +130,7 @@ class Leader:
         for cache_id, (ref, address, row_stride) in self._caches.items():
             if ref() is not None and k.untyped_storage().data_ptr() == address:
                 return cache_id, k.storage_offset() // row_stride
-        raise ValueError("a tensor-parallel model's cache must come from its own new_cache()")
+        raise ValueError("a tensor-parallel model's cache must come from its own new_cache() or new_paged_cache()")
 
     def _announce(self, op: int, *args: int) -> None:
         header = torch.tensor([op, *args] + [0] * (HEADER - 1 - len(args)), dtype=torch.long)
@@ -126,7 +142,7 @@ class Leader:
 
 def follow(model: Transformer, shard: Shard) -> None:
     """Make rank 0's model calls on this rank's shard, until rank 0 says it is done."""
-    caches: dict[int, KVCache] = {}
+    caches: dict[int, KVCache | PagedKVCache] = {}
     device = model.output.weight.device
     header = torch.empty(HEADER, dtype=torch.long)
     with torch.inference_mode():
@@ -141,18 +157,26 @@ def follow(model: Transformer, shard: Shard) -> None:
             if op == NEW_CACHE:
                 cache_id, max_batch, max_seq_len = args[:3]
                 caches[cache_id] = model.new_cache(max_batch, max_seq_len)
+            elif op == NEW_PAGED_CACHE:
+                cache_id, num_blocks, max_batch, max_seq_len, block_size = args[:5]
+                caches[cache_id] = model.new_paged_cache(num_blocks, max_batch, max_seq_len, block_size)
             elif op == FREE_CACHE:
                 caches.pop(args[0], None)
             elif op == FORWARD:
                 B, T, cache_id, first, stop, length, last_only = args
-                payload = torch.empty(B * T + (B if cache_id >= 0 else 0), dtype=torch.long, device=device)
+                table = B * stop if first == PAGED else 0  # a paged call's block table: [B, stop]
+                payload = torch.empty(B * T + (B if cache_id >= 0 else 0) + table, dtype=torch.long, device=device)
                 try:
                     collective(dist.broadcast, payload, src=0, group=shard.group)
                     tokens = payload[: B * T].view(B, T)
+                    pos = payload[B * T : B * T + B]
                     if cache_id < 0:
                         model(tokens, last_only=bool(last_only))
+                    elif first == PAGED:
+                        cache = caches[cache_id].with_table(payload[B * T + B :].view(B, stop), length)
+                        model(tokens, pos, cache, bool(last_only))
                     else:
-                        model(tokens, payload[B * T :], caches[cache_id].view(first, stop, length), bool(last_only))
+                        model(tokens, pos, caches[cache_id].view(first, stop, length), bool(last_only))
                 except TensorParallelError as e:
                     _lost(shard, e)
             else:

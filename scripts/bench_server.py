@@ -41,9 +41,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(weights: Path, a, env: dict | None = None, cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """`mistral serve` on a free loopback port, healthy; `env` and `cwd` choose which `mistral` it
-    runs (scripts/bench_ab.py serves two revisions side by side)."""
+def start_server(weights: Path, a, env: dict | None = None, cwd: Path | None = None,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`mistral serve` with the flags of `a` and `extra` on a free loopback port, healthy; `env` and
+    `cwd` choose which `mistral` it runs (scripts/bench_ab.py serves two revisions side by side)."""
     port = free_port()
     cmd = [sys.executable, "-m", "mistral.cli", "serve", str(weights), "--port", str(port), "--served-model-name",
            a.model, "--max-batch", str(a.max_batch), "--max-seq-len", str(a.max_seq_len), "--kernels", a.kernels]
@@ -54,7 +55,8 @@ def start_server(weights: Path, a, env: dict | None = None, cwd: Path | None = N
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     env = {**(os.environ if env is None else env), "MISTRAL_API_KEY": a.api_key}
-    process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cmd + list(extra), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -76,18 +78,22 @@ async def one_request(http: httpx.AsyncClient, url: str, a, prompt: str) -> tupl
             "ignore_eos": True, "temperature": a.temperature, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, tokens = None, 0
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+    async for chunk in sse_chunks(http, f"{url}/v1/chat/completions", body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            ttft = time.perf_counter() - start
+    return ttft if ttft is not None else float("nan"), tokens
+
+
+async def sse_chunks(http: httpx.AsyncClient, url: str, body: dict):
+    """The parsed chunks of one streamed request."""
+    async with http.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             raise SystemExit(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - start
-    return ttft if ttft is not None else float("nan"), tokens
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
 
 
 async def level(url: str, a, clients: int) -> dict:

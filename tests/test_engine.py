@@ -55,7 +55,7 @@ def alone(model, prompt: list[int]) -> list[int]:
 
 
 def assert_idle(engine: Engine) -> None:
-    stats = engine.rows()
+    stats = engine.debug_state()
     assert (stats["running"], stats["waiting"], stats["free_rows"]) == (0, 0, engine.max_batch), stats
 
 

@@ -279,7 +279,7 @@ def test_breaking_out_of_a_stream_frees_its_row(llm):
         if chunk["choices"][0]["delta"].get("content"):
             break
     llm.engine.step()  # the cancellation takes effect at the next step boundary
-    stats = llm.engine.rows()
+    stats = llm.engine.debug_state()
     assert stats["running"] == 0 and stats["free_rows"] == stats["max_batch"]
 
 

@@ -86,6 +86,31 @@ def test_batch_rows_at_different_lengths(checkpoints):
 
 
 @torch.inference_mode()
+def test_paged_cache_matches_transformers(checkpoints):
+    """The engine's paged cache (blocks of 4 positions, scattered over the pool): a prefill, decode steps,
+    and a second sequence that reuses the first one's prompt blocks and prefills only the rest."""
+    args, consolidated, _, oracle = checkpoints
+    model = load_model(consolidated, quiet=True)
+    cache = model.new_paged_cache(num_blocks=16, max_batch=2, max_seq_len=24, block_size=4)
+    tokens = tokens_for(args, 1, 16, seed=6)
+    first = torch.tensor([[9, 2, 14, 5]])  # 16 positions, in blocks out of order
+    steps = [model(tokens[:, :9], torch.tensor([0]), cache.with_table(first, 9))]
+    for t in range(9, 16):
+        steps.append(model(tokens[:, t : t + 1], torch.tensor([t]), cache.with_table(first, t + 1)))
+    assert rel_err(torch.cat(steps, dim=1), oracle(tokens).logits) <= TOL
+
+    # the same first 8 tokens (blocks 9 and 2, shared), then a different tail in blocks of its own
+    other = torch.cat([tokens[:, :8], tokens_for(args, 1, 5, seed=7)], dim=1)
+    second = torch.tensor([[9, 2, 7, 11]])
+    rest = model(other[:, 8:], torch.tensor([8]), cache.with_table(second, 13))
+    assert rel_err(rest, oracle(other).logits[:, 8:]) <= TOL
+    # and the first sequence's blocks were not touched: one more step of it is still right
+    nxt = tokens_for(args, 1, 1, seed=8)
+    step = model(nxt, torch.tensor([16]), cache.with_table(torch.tensor([[9, 2, 14, 5, 3]]), 17))
+    assert rel_err(step[0, 0], oracle(torch.cat([tokens, nxt], dim=1)).logits[0, -1]) <= TOL
+
+
+@torch.inference_mode()
 def test_both_formats_give_identical_logits(checkpoints):
     args, consolidated, hf, _ = checkpoints
     tokens = tokens_for(args, 1, 9, seed=5)

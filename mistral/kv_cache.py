@@ -1,0 +1,189 @@
+"""The engine's paged KV cache: a pool of fixed-size blocks per layer, and a block table per row.
+
+    k[layer], v[layer]      [num_blocks, block_size, Hkv, D]   the pool; block 0 is a scratch block
+    block_table             [rows, max_seq_len / block_size]   row b's position p lives in
+                                                               block block_table[b, p // block_size],
+                                                               slot p % block_size
+
+A sequence holds only the blocks its tokens need, so short sequences leave room for more, and a
+block can be read by several rows at once: that is how a prompt prefix computed once (a system
+prompt, the earlier turns of a conversation) is reused (`BlockPool` keeps such blocks by the hash
+of their tokens). Table entries a row does not use point at the scratch block 0, which no sequence
+holds: rows with nothing to do (a decode batch covers every row below its highest busy one) write
+there, and attention masks what it reads there.
+
+`PagedKVCache` has the contiguous `model.KVCache`'s interface (`view`, `update`, `read`): `read`
+gathers a row's blocks into [B, Hkv, L, D], so the model and its attention stay as they are.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import struct
+
+import torch
+
+from .args import ModelArgs
+
+BLOCK_SIZE = 16
+
+
+class PagedKVCache:
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], block_table: torch.Tensor, length: int):
+        self.k, self.v = k, v
+        self.block_table = block_table  # [B, blocks per row] int64
+        self.length = length  # positions attention reads
+
+    @classmethod
+    def allocate(cls, args: ModelArgs, num_blocks: int, max_batch: int, max_seq_len: int,
+                 block_size: int = BLOCK_SIZE, device=None, dtype=None) -> "PagedKVCache":
+        shape = (num_blocks, block_size, args.n_kv_heads, args.head_dim)
+        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        table = torch.zeros(max_batch, -(-max_seq_len // block_size), dtype=torch.long, device=device)
+        return cls(k, v, table, table.shape[1] * block_size)
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_batch(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.block_table.shape[1] * self.block_size
+
+    def view(self, start: int = 0, stop: int | None = None, length: int | None = None) -> "PagedKVCache":
+        """Rows start..stop of the block table (no copy), with attention reading `length` positions."""
+        return self.with_table(self.block_table[start:stop], length)
+
+    def with_table(self, block_table: torch.Tensor, length: int | None = None) -> "PagedKVCache":
+        """The same pool read and written through `block_table` ([B, n] int64, n ≥ length / block_size)."""
+        length = self.max_seq_len if length is None else min(length, self.max_seq_len)
+        return PagedKVCache(self.k, self.v, block_table, length)
+
+    def update(
+        self, layer: int, input_pos: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write xk, xv ([B, T, Hkv, D]) at positions input_pos[b] + t; return this layer's keys
+        and values as [B, Hkv, length, D]."""
+        T, bs = xk.shape[1], self.block_size
+        pos = input_pos[:, None] + torch.arange(T, device=xk.device)  # [B, T]
+        blocks = self.block_table.gather(1, pos // bs)  # [B, T]
+        self.k[layer][blocks, pos % bs] = xk  # the indexed view is [B, T, Hkv, D]
+        self.v[layer][blocks, pos % bs] = xv
+        return self.read(layer)
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values of every row, gathered from its blocks: [B, Hkv, length, D]."""
+        table = self.block_table[:, : -(-self.length // self.block_size)]  # [B, n]
+
+        def gather(pool: torch.Tensor) -> torch.Tensor:
+            rows = pool[table]  # [B, n, block_size, Hkv, D]
+            return rows.flatten(1, 2)[:, : self.length].transpose(1, 2)
+
+        return gather(self.k[layer]), gather(self.v[layer])
+
+
+def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for one block of positions."""
+    return 2 * args.n_layers * block_size * args.n_kv_heads * args.head_dim * dtype.itemsize
+
+
+class BlockPool:
+    """Which blocks of the pool are free, held by sequences, or kept as a cached prompt prefix.
+
+    Prefix caching: a full block is known by a hash of its tokens chained with the hash of every
+    block before it, so equal hashes mean the same tokens at the same positions after the same
+    prefix, hence the same keys and values. A finished (or fully prefilled) sequence `register`s its
+    full blocks; a new prompt `match`es the longest chain of them and prefills only the rest.
+    A cached block nobody holds stays in the pool until a new block is needed and none is free;
+    then the least recently used one is evicted. Block 0 is the scratch block, never handed out.
+    Host-side bookkeeping only; the engine's thread alone calls it.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = BLOCK_SIZE, prefix_caching: bool = True):
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.free = collections.deque(range(1, num_blocks))
+        self.refs = [0] * num_blocks
+        self.cached: dict[bytes, int] = {}  # chained hash -> block
+        self.hash_of: dict[int, bytes] = {}  # block -> its chained hash, for cached blocks
+        self.evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # unheld cached blocks, LRU first
+
+    @property
+    def capacity(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def used(self) -> int:
+        """Blocks held by sequences or kept as cached prefix blocks."""
+        return self.capacity - len(self.free)
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
+
+    def _hashes(self, tokens: list[int]):
+        """The chained hash of each full block of `tokens`, in order."""
+        h, bs = b"", self.block_size
+        for i in range(len(tokens) // bs):
+            h = hashlib.sha256(h + struct.pack(f"<{bs}q", *tokens[i * bs : (i + 1) * bs])).digest()
+            yield h
+
+    def match(self, tokens: list[int]) -> list[int]:
+        """The cached blocks that hold the longest prefix of `tokens`, in full blocks."""
+        if not self.prefix_caching:
+            return []
+        blocks = []
+        for h in self._hashes(tokens):
+            block = self.cached.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def can_allocate(self, prefix: list[int], n_new: int) -> bool:
+        """Whether `acquire(prefix, n_new)` can succeed now."""
+        return n_new <= len(self.free) + len(self.evictable) - sum(b in self.evictable for b in prefix)
+
+    def acquire(self, prefix: list[int], n_new: int) -> list[int]:
+        """Hold the cached blocks `prefix` and `n_new` new ones (evicting unheld cached blocks, least
+        recently used first, when none is free); the blocks of a row in order."""
+        for block in prefix:  # first, so that none of them is evicted below
+            self.refs[block] += 1
+            self.evictable.pop(block, None)
+        new = []
+        for _ in range(n_new):
+            if self.free:
+                block = self.free.popleft()
+            else:
+                block, _ = self.evictable.popitem(last=False)
+                del self.cached[self.hash_of.pop(block)]
+            self.refs[block] = 1
+            new.append(block)
+        return prefix + new
+
+    def register(self, blocks: list[int], tokens: list[int]) -> None:
+        """Offer the full blocks of `tokens` (written in `blocks`, in order) to the prefix cache. A block
+        whose tokens another block already holds stays private to its sequence."""
+        if not self.prefix_caching:
+            return
+        for block, h in zip(blocks, self._hashes(tokens)):
+            if h not in self.cached and block not in self.hash_of:
+                self.cached[h], self.hash_of[block] = block, h
+
+    def release(self, blocks: list[int]) -> None:
+        """A sequence lets go of its blocks: cached ones stay (most recently used last), others are free."""
+        for block in reversed(blocks):  # a chain's last blocks are evicted before its first
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self.hash_of:
+                    self.evictable[block] = None
+                else:
+                    self.free.append(block)
