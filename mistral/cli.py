@@ -307,7 +307,7 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable, at most 4)")
 
 
-def _sampling(a, llm=None, prompt_len: int = 0) -> dict:
+def sampling_settings(a, llm=None, prompt_len: int = 0) -> dict:
     """The sampling flags as API arguments. --max-tokens caps the answer at what the context leaves
     after the prompt (given `llm` and the prompt's length): the API refuses a max_tokens beyond the
     context, as OpenAI does, but a CLI cap is an upper bound, not a request for that many."""
@@ -326,7 +326,7 @@ def _load(a, max_batch: int = 1):
                                   quantize=a.quantize, max_batch=max_batch, max_seq_len=a.max_seq_len, compile=a.compile)
     if a.compile:
         print("compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
-        llm.warm_up(_sampling(a))
+        llm.warm_up(sampling_settings(a))
     return llm
 
 
@@ -363,13 +363,13 @@ def cmd_generate(a) -> None:
     llm = _load(a)
     if a.raw:
         prompt_len = len(llm.tokenizer.encode(a.prompt, bos=True))
-        for chunk in llm.create_completion(a.prompt, stream=True, **_sampling(a, llm, prompt_len)):
+        for chunk in llm.create_completion(a.prompt, stream=True, **sampling_settings(a, llm, prompt_len)):
             print(chunk["choices"][0]["text"] if chunk["choices"] else "", end="", flush=True)
         print()
         return
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     prompt_len = len(encode_chat(llm.tokenizer, messages))
-    _print_stream(llm.create_chat_completion(messages, stream=True, **_sampling(a, llm, prompt_len)))
+    _print_stream(llm.create_chat_completion(messages, stream=True, **sampling_settings(a, llm, prompt_len)))
 
 
 def add_chat(sub) -> None:
@@ -405,7 +405,7 @@ def cmd_chat(a) -> None:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + history
         answer = []
         try:
-            sampling = _sampling(a, llm, len(encode_chat(llm.tokenizer, messages)))
+            sampling = sampling_settings(a, llm, len(encode_chat(llm.tokenizer, messages)))
             for chunk in llm.create_chat_completion(messages, stream=True, **sampling):
                 for choice in chunk["choices"]:
                     text = choice["delta"].get("content") or ""

@@ -81,9 +81,9 @@ def test_one_temperature_default_and_a_capped_answer():
     a = build_parser().parse_args(["generate", "w", "--prompt", "x"])
     assert a.temperature == py_inspect.signature(Mistral._params).parameters["temperature"].default == 1.0
     assert a.max_tokens == 512
-    from mistral.cli import _sampling
+    from mistral.cli import sampling_settings
 
-    assert _sampling(build_parser().parse_args(["generate", "w", "--prompt", "x", "--max-tokens", "0"]))["max_tokens"] is None
+    assert sampling_settings(build_parser().parse_args(["generate", "w", "--prompt", "x", "--max-tokens", "0"]))["max_tokens"] is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
@@ -129,7 +129,7 @@ def test_generate_reads_the_hf_copy_when_asked(both, capsys):
 def test_the_default_cap_bounds_an_answer_by_what_the_context_leaves(both, capsys):
     """The CLI's default --max-tokens (512) is a cap, not a request: with a 64-position context the
     answer runs to the end of the context (the API refuses a max_tokens past it, as OpenAI does)."""
-    from mistral.cli import _sampling
+    from mistral.cli import sampling_settings
 
     assert main(["generate", str(both), "--prompt", "Hi", "--temperature", "0", "--max-seq-len", "64"]) == 0
     assert capsys.readouterr().out.strip()
@@ -140,8 +140,8 @@ def test_the_default_cap_bounds_an_answer_by_what_the_context_leaves(both, capsy
         max_seq_len = 64
 
     a = build_parser().parse_args(["generate", "w", "--prompt", "x"])
-    assert _sampling(a, Context(), 10)["max_tokens"] == 54
-    assert _sampling(build_parser().parse_args(["generate", "w", "--prompt", "x", "--max-tokens", "20"]), Context(), 10)["max_tokens"] == 20
+    assert sampling_settings(a, Context(), 10)["max_tokens"] == 54
+    assert sampling_settings(build_parser().parse_args(["generate", "w", "--prompt", "x", "--max-tokens", "20"]), Context(), 10)["max_tokens"] == 20
 
 
 def test_a_missing_local_folder_is_not_a_hub_problem(tmp_path, monkeypatch, capsys):

@@ -81,10 +81,11 @@ def test_metrics_move_as_requests_complete(server):
     for histogram, more in (("mistral_time_to_first_token_seconds", 2), ("mistral_e2e_request_latency_seconds", 3)):
         assert value(after, histogram + "_count") - value(before, histogram + "_count") == more, histogram
     assert value(after, "mistral_inter_token_latency_seconds_count") > value(before, "mistral_inter_token_latency_seconds_count")
-    # the engine's figures: idle now, both rows free, no prefix cache yet
+    # the engine's figures: idle now, no block held (finished prompts stay only as evictable cache)
     assert value(after, "mistral_requests_running") == 0 and value(after, "mistral_requests_waiting") == 0
-    assert (value(after, "mistral_kv_blocks_used"), value(after, "mistral_kv_blocks_free")) == (0, 2)
-    assert value(after, "mistral_prefix_cache_hit_rate") == 0
+    assert value(after, "mistral_kv_blocks_used") == 0 and value(after, "mistral_kv_blocks_free") > 0
+    assert value(after, "mistral_prefix_cache_queries_total") > value(before, "mistral_prefix_cache_queries_total")
+    assert 0 <= value(after, "mistral_prefix_cache_hit_rate") <= 1
 
 
 def test_tokenize_is_mistral_tokenize(server, weights, tmp_path):

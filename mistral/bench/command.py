@@ -53,7 +53,7 @@ import torch
 from ..args import ModelArgs, preset
 from ..describe import GPU, decode_cost, prefill_cost
 from ..devices import resolve_device
-from ..engine import Engine, _bucket
+from ..engine import Engine, attention_length
 from ..formats import dtype_name
 from ..make_random import random_model
 from ..merged import merge_projections, unmerged
@@ -378,7 +378,7 @@ class Bench:
                 key, label = f"decode.b{batch}.{name}", f"{label}, batch {batch}"
                 with R.guard(key, S, label), torch.inference_mode():
                     if cache is None:
-                        cache = model.new_cache(batch, _bucket(ctx + self.steps + self.warmup + 1, self.max_len))
+                        cache = model.new_cache(batch, attention_length(ctx + self.steps + self.warmup + 1, self.max_len))
                         prefill(model, cache, self.randint(batch, ctx))
                     with contextlib.nullcontext() if graph else unmerged(model):
                         rate = decode_rate(model, cache, batch, ctx, self.steps, self.warmup, self.runs, graph)

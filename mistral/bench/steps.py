@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import _bucket  # the engine's own rounding of the attention length
+from ..engine import attention_length  # the engine's own rounding of the attention length
 from ..model import KVCache, Transformer
 from ..ops import get_ops
 from .timing import best_time
@@ -76,7 +76,7 @@ def decode_rate(model: Transformer, cache: KVCache, batch: int, ctx: int, steps:
                 runs: int, graph: bool) -> float:
     """Tokens/s of `steps` greedy steps for `batch` rows from position ctx (cache filled up to there)."""
     device = model.output.weight.device
-    dec = Decoder(model, cache, batch, graph, length=_bucket(ctx + steps + warmup, cache.max_seq_len))
+    dec = Decoder(model, cache, batch, graph, length=attention_length(ctx + steps + warmup, cache.max_seq_len))
     first = torch.randint(0, model.args.vocab_size, (batch,), device=device)
     dec.start(first, ctx)
     for _ in range(warmup):  # compiles kernels, captures the graph
@@ -89,7 +89,7 @@ def fast_logits(model: Transformer, tokens: torch.Tensor, graph: bool) -> torch.
     """Logits of the last prompt position (prefill) and of CORRECT_STEPS teacher-forced decode steps,
     [STEPS + 1, V] fp32, through the same Decoder the speed runs use (a CUDA graph when `graph`)."""
     device = tokens.device
-    cache = model.new_cache(1, _bucket(tokens.shape[1] + 16, model.max_seq_len))
+    cache = model.new_cache(1, attention_length(tokens.shape[1] + 16, model.max_seq_len))
     with torch.inference_mode():
         out = [model(tokens[:, :CORRECT_PROMPT], torch.zeros(1, dtype=torch.long, device=device),
                      cache.view(0, 1, length=CORRECT_PROMPT), last_only=True)[0, -1].float()]
