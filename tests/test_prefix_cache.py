@@ -1,4 +1,4 @@
-"""The paged KV cache's scheduling: prefix caching, a pool smaller than the rows, chunked prefill (issue 17),
+"""The paged KV cache's scheduling: prefix caching, a pool smaller than the rows, chunked prefill,
 on a tiny random model. Oracles: the same sequence on an engine without prefix caching or chunking, and
 the block pool's bookkeeping checked against what was run."""
 

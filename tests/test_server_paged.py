@@ -1,4 +1,4 @@
-"""The paged KV cache through a real server on loopback and the openai client (issue 17): prefix reuse
+"""The paged KV cache through a real server on loopback and the openai client: prefix reuse
 reported as usage.prompt_tokens_details.cached_tokens, and chunked prefill that keeps streams going
 while a long prompt is read."""
 
@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 
 import openai
@@ -15,7 +13,7 @@ import pytest
 
 from mistral.args import preset
 from mistral.make_random import make_random
-from test_server import KEY, free_port, wait_healthy
+from test_server import KEY, serving
 
 MODEL = "paged"
 SYSTEM = "You answer questions about the weather in a calm and friendly tone. " * 12  # ~170 tokens
@@ -24,23 +22,10 @@ SYSTEM = "You answer questions about the weather in a calm and friendly tone. " 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     weights = make_random(tmp_path_factory.mktemp("small"), preset("small"), "consolidated", "float32")
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
-    cmd = [sys.executable, "-m", "mistral.cli", "serve", str(weights), "--port", str(port), "--served-model-name", MODEL,
-           "--max-batch", "4", "--max-seq-len", "3072", "--prefill-chunk", "128", "--device", "cpu", "--kernels", "torch",
-           "--threads", "1"]
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(cmd, env={**os.environ, "MISTRAL_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=stderr)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(root, process=process, log=log)
+    log = tmp_path_factory.mktemp("serve") / "output.txt"
+    with serving(weights, log, {**os.environ, "MISTRAL_API_KEY": KEY}, "--served-model-name", MODEL,
+                 "--max-batch", "4", "--max-seq-len", "3072", "--prefill-chunk", "128") as root:
         yield f"{root}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_cached_tokens_count_the_shared_prefix(base):
