@@ -241,7 +241,7 @@ class Engine:
                 "free_rows": len(self.free_rows),
                 "rows": sorted(self.running),
                 "steps": self.steps,
-                "kv_blocks_free": self.pool.capacity - self.pool.used + len(self.pool.evictable),
+                "kv_blocks_free": self.pool.available,
             }
 
     def serve_forever(self, stop: threading.Event) -> None:

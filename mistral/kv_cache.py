@@ -126,6 +126,11 @@ class BlockPool:
         """Blocks held by sequences or kept as cached prefix blocks."""
         return self.capacity - len(self.free)
 
+    @property
+    def available(self) -> int:
+        """Blocks a new sequence could take now: the free ones and the unheld cached ones (evictable)."""
+        return len(self.free) + len(self.evictable)
+
     def blocks_for(self, positions: int) -> int:
         return -(-positions // self.block_size)
 
@@ -150,7 +155,7 @@ class BlockPool:
 
     def can_allocate(self, prefix: list[int], n_new: int) -> bool:
         """Whether `acquire(prefix, n_new)` can succeed now."""
-        return n_new <= len(self.free) + len(self.evictable) - sum(b in self.evictable for b in prefix)
+        return n_new <= self.available - sum(b in self.evictable for b in prefix)
 
     def acquire(self, prefix: list[int], n_new: int) -> list[int]:
         """Hold the cached blocks `prefix` and `n_new` new ones (evicting unheld cached blocks, least
