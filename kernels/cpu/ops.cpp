@@ -1,0 +1,95 @@
+// quant_matvec.h as PyTorch operators, so that a compiled graph calls them as single opaque ops:
+//
+//   mistral_cpu::int8_matvec(Tensor x, Tensor weight, Tensor scales) -> Tensor
+//   mistral_cpu::int4_matvec(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor
+//
+// x [..., K] fp32 or bf16; the result [..., N] in x's dtype. The activation is quantized once, then
+// output channels are split across PyTorch's intra-op threads (at::parallel_for).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "quant_matvec.h"
+
+namespace {
+
+mfs::DType dtype_of(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat) return mfs::F32;
+  if (t.scalar_type() == at::kBFloat16) return mfs::BF16;
+  TORCH_CHECK_VALUE(false, name, " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+void check_cpu_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+at::Tensor matvec(mfs::Format format, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                  int64_t group) {
+  check_cpu_contiguous(x, "x");
+  check_cpu_contiguous(weight, "weight");
+  check_cpu_contiguous(scales, "scales");
+  const mfs::DType xt = dtype_of(x, "x"), st = dtype_of(scales, "scales");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have an input dimension");
+  const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1), N = weight.size(0);
+  TORCH_CHECK_VALUE(K % 32 == 0 && K > 0, "the input dimension K = ", K, " must be a positive multiple of 32 ",
+                    "(activations are quantized in blocks of 32)");
+  if (format == mfs::INT8) {
+    TORCH_CHECK_VALUE(weight.scalar_type() == at::kChar, "weight must be int8, got ", weight.scalar_type());
+    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == K, "weight has shape ", weight.sizes(),
+                      ", expected [N, ", K, "]");
+    TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == N, "scales has shape ", scales.sizes(),
+                      ", expected [", N, "]");
+  } else {
+    TORCH_CHECK_VALUE(group % 32 == 0 && group > 0 && 512 % group == 0 && K % group == 0, "group_size ", group,
+                      " must be 32, 64, 128, 256 or 512 and divide K = ", K);
+    TORCH_CHECK_VALUE(weight.scalar_type() == at::kByte, "weight must be uint8 (two int4 a byte), got ",
+                      weight.scalar_type());
+    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == K / 2, "weight has shape ", weight.sizes(),
+                      ", expected [N, ", K / 2, "]");
+    TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / group, "scales has shape ",
+                      scales.sizes(), ", expected [", N, ", ", K / group, "]");
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
+  if (M == 0 || N == 0) return out;
+
+  at::Tensor ws = at::empty({int64_t(mfs::workspace_bytes(M, K))}, x.options().dtype(at::kByte));  // 64-aligned
+  uint8_t* w = ws.data_ptr<uint8_t>();
+  mfs::prepare(format, x.data_ptr(), xt, M, K, w);
+  // at least ~64 KiB of weights a task: smaller ones cost more to hand out than to compute
+  const int64_t row_bytes = format == mfs::INT8 ? K : K / 2;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / row_bytes);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (format == mfs::INT8)
+      mfs::int8_rows(w, M, K, weight.data_ptr<int8_t>(), scales.data_ptr(), st, out.data_ptr(), xt, N, n0, n1);
+    else
+      mfs::int4_rows(w, M, K, weight.data_ptr<uint8_t>(), scales.data_ptr(), st, group, out.data_ptr(), xt, N, n0, n1);
+  });
+  return out;
+}
+
+at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
+  return matvec(mfs::INT8, x, weight, scales, 0);
+}
+
+at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group_size) {
+  return matvec(mfs::INT4, x, weight, scales, group_size);
+}
+
+std::string isa() { return mfs::isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(mistral_cpu, m) {
+  m.def("int8_matvec(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("int4_matvec(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor");
+  m.def("isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(mistral_cpu, CPU, m) {
+  m.impl("int8_matvec", &int8_matvec);
+  m.impl("int4_matvec", &int4_matvec);
+}
