@@ -557,7 +557,7 @@ def cmd_serve(a) -> None:
     url = f"http://{a.host}:{sock.getsockname()[1]}/v1" if sock is not None else None
 
     def load() -> Mistral:
-        # A fixed decode shape (all rows, the whole cache) makes each request's greedy output
+        # A fixed decode shape (all rows; see engine.py) makes each request's greedy output
         # independent of the others in the batch.
         llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, format=a.format, quantize=a.quantize,
                                       max_batch=a.max_batch, max_seq_len=a.max_seq_len, model_name=a.served_model_name,

@@ -24,10 +24,11 @@ The engine knows token ids only: text, stop strings and chat formats live in the
 
 Decode batch shape. By default the decode batch covers rows 0..h-1, h being one past the highest
 busy row (rows are handed out lowest first), so one sequence decodes at batch 1. With
-`fixed_batch_shape=True` every decode step runs all `max_batch` rows over the whole cache length:
-matrix kernels pick their reduction order by shape, and a fixed shape makes each row's result
-bit-identical whatever the other rows hold, so greedy output never depends on the company a request
-keeps. The server uses that.
+`fixed_batch_shape=True` every decode step runs all `max_batch` rows (over the whole cache length
+on GPUs; on the CPU over the longest row's positions, rounded up to whole blocks, since attention
+there gives a row the same bits at any such length past its own): matrix kernels pick their reduction order by shape, and a fixed shape makes each
+row's result bit-identical whatever the other rows hold, so greedy output never depends on the
+company a request keeps. The server uses that.
 
 All state the decode step reads lives on the device (`tokens`, `pos`, sampling settings); the host
 reads back only the sampled tokens, to stream them. That is also what lets the decode step be
@@ -394,15 +395,26 @@ class Engine:
             logits, next_tokens = graphed[0][:hi], graphed[1][:hi]
             self._record(0, hi, next_tokens, flags, fed=True)
         else:
-            # Attention reads `length` cache positions: rounded up to fewer distinct lengths on GPUs,
-            # exact on the CPU, where every position read is paid for (a 0.5B step at length 256
-            # instead of ~100 is 1.5% slower in fp32, 3-5% in bf16).
-            step = 1 if self.device.type == "cpu" else 256
-            length = self.max_seq_len if self.fixed_batch_shape else attention_length(max(s.length for s in seqs) + 1, self.max_seq_len, step)
+            length = self._attention_length(seqs)
             logits, next_tokens = self.decode_step(hi, flags, length)
         for seq in seqs:
             seq.length += 1
         self._hand_out(seqs, 0, logits, next_tokens)
+
+    def _attention_length(self, seqs: list[Sequence]) -> int:
+        """How many cache positions the decode step reads: the longest row's (+ the new token), rounded up.
+
+        On the CPU, to a multiple of the block size (16), even with a fixed batch shape. Every
+        position read is paid for there (all rows over a server's 8,704 positions: 0.19 s a step for
+        the small model), and PyTorch's CPU attention gives a row the same bits at every such length
+        past its own (tests/test_model.py checks it; not at lengths between, where its vector loops
+        have a tail), so with a fixed batch shape only the batch dimension must stay fixed. Elsewhere
+        to a multiple of 256 (fewer distinct lengths), or, with a fixed batch shape, the whole cache,
+        since the GPU decode kernel splits its work by the length it is given."""
+        n, limit = max(s.length for s in seqs) + 1, self.cache.max_seq_len  # a multiple of the block size
+        if self.device.type == "cpu":
+            return attention_length(n, limit, self.cache.block_size)
+        return limit if self.fixed_batch_shape else attention_length(n, limit, 256)
 
     def decode_step(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows 0..batch-1 one token further (`_step`, then `_record`): the logits [batch, V] and the
