@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from .args import ModelArgs
@@ -72,6 +73,14 @@ def collective(op, *args, **kwargs):
 
 
 # --- the parallel layers (module swaps for wo, w2 and output) --------------------------------------
+#
+# Eagerly, their collectives are torch.distributed's in-place ones, whose failures `collective` names.
+# Under torch.compile (the engine's compiled decode step, a follower's replay of it) they are the
+# functional collectives, which dynamo traces into the graph as nodes of their own (a collective
+# and a wait), so that the step stays one graph (a graph break at each collective would make it
+# 2 x n_layers + 1 graphs, each with its own guards and Python call). A collective that fails there
+# raises a plain RuntimeError; the eager rerun that follows it (Engine.decode_step, CompiledForward
+# in tp_replay.py) fails at its first collective in turn, with the TensorParallelError that ends the rank.
 
 
 class RowParallelLinear(Linear):
@@ -84,6 +93,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features / N] -> [..., out_features]
         out = self.ops.linear(x, self.weight)
+        if torch.compiler.is_compiling():  # a node of the compiled graph (see above)
+            return funcol.all_reduce(out, "sum", self.group or dist.group.WORLD)
         collective(dist.all_reduce, out, group=self.group)
         return out
 
@@ -98,6 +109,8 @@ class VocabParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., vocab_size]
         part = self.ops.linear(x, self.weight).contiguous()  # [..., vocab_size / N]
+        if torch.compiler.is_compiling():
+            return funcol.all_gather_tensor(part, part.dim() - 1, self.group or dist.group.WORLD)
         parts = [torch.empty_like(part) for _ in range(self.world)]
         collective(dist.all_gather, parts, part, group=self.group)
         return torch.cat(parts, dim=-1)
