@@ -78,6 +78,27 @@ def test_mistral_logits_under_torchrun_equals_one_process(checkpoints, tmp_path)
     assert (a - b).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"], ids=["int8-on-load", "int4-checkpoint"])
+def test_quantized_logits_under_torchrun_equal_one_process(checkpoints, tmp_path, quantize):
+    """int8: each rank quantizes the slices it reads, wo's and w2's column slices with their whole
+    rows' scales (a max over the ranks); int4: read from a `mistral quantize` checkpoint, wo's and
+    w2's column slices of the packed weights and of the groups' scales (groups of 32)."""
+    from mistral.quantize import write_quantized
+
+    folder, flags = checkpoints[0], ["--quantize", "int8"]
+    if quantize == "int4":
+        folder, flags = write_quantized(checkpoints[0], tmp_path / "int4", "int4"), []
+    tokens = ",".join(map(str, TOKENS))
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    subprocess.run([sys.executable, "-m", "mistral.cli", "logits", str(folder), "--tokens", tokens, "--out", str(one),
+                    *flags], cwd=ROOT, check=True, capture_output=True)
+    torchrun("-m", "mistral.cli", "logits", str(folder), "--tokens", tokens, "--out", str(two), *flags)
+    a, b = load_file(one)["logits"], load_file(two)["logits"]
+    unquantized = load_model(checkpoints[0], quiet=True)(torch.tensor([TOKENS]))[0]
+    assert (a - unquantized).abs().max().item() > 1e-3  # quantized indeed
+    assert (a - b).abs().max().item() <= 1e-5
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """The small preset with the real v3 tokenizer, for generation."""
@@ -266,6 +287,18 @@ def test_a_rank_count_that_does_not_divide_the_heads_is_refused(small):
     with pytest.raises(TensorParallelError, match=r"over 3 ranks needs n_kv_heads \(2\) to be divisible by 3; "
                                                   r"this model splits over 1, 2 ranks"):
         load_model(small, shard=Shard(0, 3), quiet=True)
+
+
+def test_int4_groups_that_straddle_two_ranks_slices_are_refused(small, tmp_path):
+    from mistral.quantize import write_quantized
+
+    folder = write_quantized(small, tmp_path / "int4-256", "int4-256")  # wo: 256 inputs, 128 a rank
+    ranks = launch([["logits", str(folder), "--tokens", "1,2", "--out", str(tmp_path / "x")]] * 2)
+    for rank in ranks:
+        _, err = rank.communicate(timeout=120)
+        assert rank.returncode != 0
+        assert ("tensor parallelism over 2 ranks splits wo's 256 input features into slices of 128, which int4 "
+                "groups of 256 do not divide: use a group size that divides 128") in err
 
 
 def test_ranks_that_read_different_weights_are_refused(tmp_path):
