@@ -123,6 +123,8 @@ class Leader:
             except TensorParallelError as e:
                 _lost(self.shard, e)
 
+    __call__ = forward
+
     @contextlib.contextmanager
     def announced(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | PagedKVCache,
                   compiled: bool):
@@ -162,8 +164,6 @@ class Leader:
             collective(dist.broadcast, payload.to(torch.long).contiguous(), src=0, group=self.shard.group)
         except TensorParallelError as e:
             _lost(self.shard, e)
-
-    __call__ = forward
 
     def close(self) -> None:
         """Tell the followers to exit (at the latest when this process exits)."""

@@ -330,6 +330,15 @@ def test_a_follower_whose_leader_dies_exits_with_an_error(small):
                 p.kill()
 
 
+def test_mistral_bench_under_torchrun_points_to_the_tp_benchmark():
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}  # refused before it waits for any other rank
+    run = subprocess.run([sys.executable, "-m", "mistral.cli", "bench", "--preset", "small", "--device", "cpu", "--quick"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "mistral bench measures one process; under torchrun, tensor parallelism is measured by scripts/bench_tp.py" \
+        in run.stderr
+
+
 def test_a_tensor_of_the_wrong_shape_is_named_with_its_full_shape(tmp_path):
     from mistral.errors import CheckpointError
     from mistral.tp import Shard
