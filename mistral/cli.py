@@ -636,8 +636,12 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(a) -> None:
+    from . import tp
     from .bench.command import main as bench_main
 
+    if tp.launched():  # each rank would build and time a whole model of its own
+        raise MistralError("mistral bench measures one process; under torchrun, tensor parallelism is measured by "
+                           "scripts/bench_tp.py (TP=1 against TP=2, eager and compiled)")
     bench_main(a)
 
 

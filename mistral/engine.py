@@ -40,6 +40,7 @@ decode step through torch.compile instead (see `_compile_step`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -423,18 +424,29 @@ class Engine:
         running out of memory) is dropped for the eager one for good, with a warning; the rows' state
         is put back first, since a step may fail after moving some of it on (the eager rerun writes
         the same cache positions again). Keeping that copy costs 3-4 small clones a step."""
-        if self.compiled_step is not None:
-            moved = self._moved_by_step(batch, flags)
-            saved = [t.clone() for t in moved]
-            try:
-                return self.compiled_step(batch, flags, length)
-            except Exception as e:
-                log.warning("the compiled decode step failed (%s: %s); decoding eagerly from now on",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                self.compiled_step = None
-                for t, before in zip(moved, saved):
-                    t.copy_(before)
-        return self._step_and_record(batch, flags, length)
+        with self._announced(batch, length):
+            if self.compiled_step is not None:
+                moved = self._moved_by_step(batch, flags)
+                saved = [t.clone() for t in moved]
+                try:
+                    return self.compiled_step(batch, flags, length)
+                except Exception as e:
+                    log.warning("the compiled decode step failed (%s: %s); decoding eagerly from now on",
+                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    self.compiled_step = None
+                    for t, before in zip(moved, saved):
+                        t.copy_(before)
+            return self._step_and_record(batch, flags, length)
+
+    def _announced(self, batch: int, length: int):
+        """A model that tells other processes of each call from the host before making it (tensor
+        parallelism's Leader, tp_replay.py) cannot do so from inside a compiled step: the step's
+        model call is announced here, before the step runs. Nothing to do for a plain model."""
+        announced = getattr(self.model, "announced", None)
+        if announced is None:
+            return contextlib.nullcontext()
+        return announced(self.tokens[:batch, None], self.pos[:batch], self.cache.view(0, batch, length=length),
+                         compiled=self.compiled_step is not None)
 
     def _step_and_record(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits, next_tokens = self._step(batch, flags, length)
