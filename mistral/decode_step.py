@@ -81,7 +81,7 @@ class DecodeStep:
         self.rows.record(0, batch, next_tokens, flags, fed=True)
         return logits, next_tokens
 
-    def _advance_filtering(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def advance_filtering(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`advance`, as a function of its own, so that torch.compile caches it apart (see _compile)."""
         return self.advance(batch, flags, length)
 
@@ -135,7 +135,7 @@ class DecodeStep:
         # UnboundLocalError or, with in-place buffers off, sampled wrong tokens.
         plain = torch.compile(self.advance, dynamic=True, fullgraph=True,
                               options={"realize_opcount_threshold": 0}, **limit)
-        filtering = torch.compile(self._advance_filtering, dynamic=True, fullgraph=True, **limit)
+        filtering = torch.compile(self.advance_filtering, dynamic=True, fullgraph=True, **limit)
         return lambda batch, flags, length: (filtering if flags.filtering else plain)(batch, flags, length)
 
     # --- CUDA graphs (see cuda_graphs.py) -------------------------------------------------------------

@@ -41,7 +41,7 @@ def compiled_graphs() -> int:
     engines of the same shapes share them): more than none shows compiled code, not eager, ran."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    steps = (DecodeStep.advance, DecodeStep._advance_filtering)
+    steps = (DecodeStep.advance, DecodeStep.advance_filtering)
     return sum(len(_debug_get_cache_entry_list(step.__code__)) for step in steps)
 
 
