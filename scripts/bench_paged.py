@@ -1,4 +1,4 @@
-"""The paged KV cache's serving benchmarks (issue 17), each side by side with its peer in one run.
+"""The paged KV cache's serving benchmarks, each side by side with its peer in one run.
 
     python scripts/bench_paged.py [--preset small] [--peer /work/main] [--only multiturn,stall,levels]
 

@@ -72,12 +72,12 @@ def mask_fill(walks: int) -> None:
     tok = Tokenizer.from_path(v3_tokenizer_file())
     results = {"llguidance": []}
     grammar = structured.response_format_grammar({"type": "json_schema", "json_schema": {"schema": WALK_SCHEMA}})
-    lt = structured._llg_tokenizer(tok)
+    lt = structured.llguidance_tokenizer(tok)
     mask = torch.full((1, 1024), -1, dtype=torch.int32)
     try:
         import xgrammar as xgr
 
-        info = xgr.TokenizerInfo(structured._Vocabulary(tok).tokens, xgr.VocabType.RAW, vocab_size=tok.vocab_size,
+        info = xgr.TokenizerInfo(structured.Vocabulary(tok).tokens, xgr.VocabType.RAW, vocab_size=tok.vocab_size,
                                  stop_token_ids=[tok.eos_id])
         compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(WALK_SCHEMA), any_whitespace=False)
         results["xgrammar"] = []
