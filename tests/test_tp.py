@@ -138,7 +138,7 @@ def test_compiled_decode_under_torchrun_gives_the_single_process_tokens(small):
     assert len(one.strip()) > 10 and two.stdout == one
     assert "eagerly from now on" not in two.stderr  # neither rank fell back
     # dynamo's log: what each rank compiled
-    assert re.search(r"\[rank0\]:.*torchdynamo start tracing _step_and_record .*engine\.py", two.stderr)
+    assert re.search(r"\[rank0\]:.*torchdynamo start tracing advance .*decode_step\.py", two.stderr)
     assert re.search(r"\[rank1\]:.*torchdynamo start tracing forward .*model\.py", two.stderr)
 
 
