@@ -47,7 +47,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from torch import nn
 
 from .args import ModelArgs
 from .errors import CheckpointError, MistralError

@@ -46,6 +46,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from .decode_step import FORWARD_OPTIONS
 from .kv_cache import BLOCK_SIZE, PagedKVCache
 from .model import KVCache, Transformer
 from .tp import Shard, TensorParallelError, collective
@@ -247,11 +248,9 @@ class CompiledForward:
 
     def __call__(self, tokens, input_pos=None, cache=None, last_only=False) -> torch.Tensor:
         if self.forward is None:
-            for t in (*cache.k, *cache.v):  # as the engine marks its cache (Engine._compile_step)
+            for t in (*cache.k, *cache.v):  # as the engine marks its cache (DecodeStep._compile)
                 torch._dynamo.mark_static(t)
-            # The engine's options for its step: see Engine._compile_step.
-            self.forward = torch.compile(self.model, dynamic=True, fullgraph=True,
-                                         options={"realize_opcount_threshold": 0})
+            self.forward = torch.compile(self.model, dynamic=True, fullgraph=True, options=FORWARD_OPTIONS)
         try:
             return self.forward(tokens, input_pos, cache, last_only)
         except Exception as e:
