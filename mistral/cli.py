@@ -290,20 +290,26 @@ def cmd_inspect(a) -> None:
 DEFAULT_MAX_TOKENS = 512
 
 
+# The sampling flags are these fields of the request protocol, with its defaults and docs; the
+# API checks their values (protocol.py), so the CLI's ranges are the server's.
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "seed")
+
+
 def _add_sampling_flags(p) -> None:
+    import dataclasses
+
+    from .protocol import GenerationRequest
+
     # The CLI caps an answer (as llama-cli's -n does); the Python API and the server keep OpenAI's
     # meaning of no max_tokens: up to the end of the context.
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="the most tokens an answer may have; 0: up to the end of the context")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="0 is greedy (default: 1.0, as in the Python API and the server)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the tokens within this probability mass")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top token's probability")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's: minus this for each token already present")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: minus this times each token's count so far")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="vLLM's: divide repeated tokens' logits by this")
-    p.add_argument("--seed", type=int, default=None, help="reproduce a sampled answer (default: a fresh one each time)")
+    fields = {f.name: f for f in dataclasses.fields(GenerationRequest)}
+    for name in SAMPLING_FLAGS:
+        f = fields[name]
+        kind = int if f.type in (int, int | None) else float
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["doc"])
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable, at most 4)")
 
 
@@ -314,9 +320,7 @@ def sampling_settings(a, llm=None, prompt_len: int = 0) -> dict:
     cap = a.max_tokens or None
     if cap is not None and llm is not None:
         cap = max(1, min(cap, llm.max_seq_len - prompt_len))  # a prompt that fills the context is refused as such
-    return dict(max_tokens=cap, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
-                repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
+    return dict(max_tokens=cap, stop=a.stop, **{name: getattr(a, name) for name in SAMPLING_FLAGS})
 
 
 def _load(a, max_batch: int = 1):
@@ -557,7 +561,7 @@ def cmd_serve(a) -> None:
     url = f"http://{a.host}:{sock.getsockname()[1]}/v1" if sock is not None else None
 
     def load() -> Mistral:
-        # A fixed decode shape (all rows, the whole cache) makes each request's greedy output
+        # A fixed decode shape (all rows; see engine.py) makes each request's greedy output
         # independent of the others in the batch.
         llm = Mistral.from_pretrained(a.weights, a.device, a.dtype, kernels=a.kernels, format=a.format, quantize=a.quantize,
                                       max_batch=a.max_batch, max_seq_len=a.max_seq_len, model_name=a.served_model_name,
@@ -636,8 +640,12 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(a) -> None:
+    from . import tp
     from .bench.command import main as bench_main
 
+    if tp.launched():  # each rank would build and time a whole model of its own
+        raise MistralError("mistral bench measures one process; under torchrun, tensor parallelism is measured by "
+                           "scripts/bench_tp.py (TP=1 against TP=2, eager and compiled)")
     bench_main(a)
 
 

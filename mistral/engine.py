@@ -24,23 +24,22 @@ The engine knows token ids only: text, stop strings and chat formats live in the
 
 Decode batch shape. By default the decode batch covers rows 0..h-1, h being one past the highest
 busy row (rows are handed out lowest first), so one sequence decodes at batch 1. With
-`fixed_batch_shape=True` every decode step runs all `max_batch` rows over the whole cache length:
-matrix kernels pick their reduction order by shape, and a fixed shape makes each row's result
-bit-identical whatever the other rows hold, so greedy output never depends on the company a request
-keeps. The server uses that.
+`fixed_batch_shape=True` every decode step runs all `max_batch` rows (over the whole cache length
+on GPUs; on the CPU over the longest row's positions, rounded up to whole blocks, since attention
+there gives a row the same bits at any such length past its own): matrix kernels pick their reduction order by shape, and a fixed shape makes each
+row's result bit-identical whatever the other rows hold, so greedy output never depends on the
+company a request keeps. The server uses that.
 
-All state the decode step reads lives on the device (`tokens`, `pos`, sampling settings); the host
-reads back only the sampled tokens, to stream them. That is also what lets the decode step be
-replayed from a CUDA graph (`cuda_graphs=True`, the default on CUDA with the Triton kernels; see
-cuda_graphs.py); prefill stays eager, since prompt lengths vary. On the CPU, `compile=True` runs the
-decode step through torch.compile instead (see `_compile_step`).
+The rows' device state (last tokens, positions, sampling settings) is `Rows` (rows.py); one decode
+step over it is `DecodeStep` (decode_step.py), run eagerly, replayed from CUDA graphs
+(`cuda_graphs=True`, the default on CUDA with the Triton kernels) or, on the CPU with `compile=True`,
+through torch.compile. Prefill stays eager, since prompt lengths vary.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import itertools
 import logging
 import threading
@@ -49,9 +48,11 @@ from typing import Any, Callable
 
 import torch
 
+from .decode_step import DecodeStep
 from .kv_cache import BLOCK_SIZE, BlockPool, bytes_per_block
 from .model import Transformer
-from .sampling import BatchFlags, SamplingTensors, mask_words, sample, token_logprobs
+from .rows import Rows
+from .sampling import BatchFlags, sample, token_logprobs
 
 log = logging.getLogger("mistral")
 
@@ -168,39 +169,16 @@ class Engine:
         self.pool = BlockPool(num_blocks + 1, block_size, prefix_caching)
         self.prefix_queries = self.prefix_hits = 0
 
-        R, dev = max_batch, self.device
-        # per-row device state of the decode step
-        self.tokens = torch.zeros(R, dtype=torch.long, device=dev)  # last token of each row
-        self.pos = torch.zeros(R, dtype=torch.long, device=dev)  # where that token goes in the cache
-        self.active = torch.zeros(R, dtype=torch.long, device=dev)  # 1 for busy rows
-        self.n_generated = torch.zeros(R, dtype=torch.long, device=dev)
-        self.min_tokens = torch.zeros(R, dtype=torch.long, device=dev)
-        f32 = dict(dtype=torch.float32, device=dev)
-        self.temperature, self.top_p, self.min_p = torch.zeros(R, **f32), torch.ones(R, **f32), torch.zeros(R, **f32)
-        self.top_k = torch.zeros(R, dtype=torch.long, device=dev)
-        self.presence, self.frequency, self.repetition = torch.zeros(R, **f32), torch.zeros(R, **f32), torch.ones(R, **f32)
-        self.seed = torch.zeros(R, dtype=torch.long, device=dev)
-        self.logit_bias: torch.Tensor | None = None  # [R, V], allocated when first needed
-        self.counts: torch.Tensor | None = None  # [R, V]
-        self.in_prompt: torch.Tensor | None = None  # [R, V]
-        # The grammars' token masks ([R, V/32] int32 bits, 4 KB a row): filled on the host, copied
-        # to the device for each step with a constrained row (rows without a grammar allow all).
-        words = mask_words(self.vocab_size)
-        self.token_mask = torch.full((R, words), -1, dtype=torch.int32, device=dev)
-        self._host_mask = torch.full((R, words), -1, dtype=torch.int32, pin_memory=dev.type == "cuda")
-        if compile and cuda_graphs:
-            raise ValueError("choose one of compile=True and cuda_graphs=True: both replace the eager decode step")
-        self.graphs = None if compile else self._captured_steps(cuda_graphs)  # None: no CUDA graphs
-        self.compiled_step = self._compile_step() if compile else None  # None: eager (or fallen back to it)
+        self.rows = Rows(max_batch, self.vocab_size, self.device)
+        self.decode_step = DecodeStep(model, self.cache, self.rows, eos_id, compile=compile, cuda_graphs=cuda_graphs)
 
         self.running: dict[int, Sequence] = {}  # row -> sequence
         self.prefilling: collections.deque[Sequence] = collections.deque()  # holding a row, prompt not yet read
-        self.free_rows = list(range(R))
+        self.free_rows = list(range(max_batch))
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cancelled: set[int] = set()
         self.steps = 0  # decode steps run: the server's debug view measures cancellation in steps
         self._cv = threading.Condition()
-        self._seed_source = torch.Generator().manual_seed(torch.initial_seed() & 0xFFFFFFFF)
 
     # --- the interface for the layers above (thread-safe) -----------------------------------------
 
@@ -370,182 +348,51 @@ class Engine:
         row = seq.row
         self.running[row] = seq
         self.cache.block_table[row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
-        self._set_row(seq)
+        self.rows.start(row, seq.params, seq.prompt)
+        seq.matcher = seq.params.constraint.matcher() if seq.params.constraint is not None else None
         flags, first = self._flags([seq]), seq.params.first_token
         if flags.constrained and first is None:
-            self._fill_masks([seq], row, row + 1)
+            self._fill_token_masks([seq], row, row + 1)
         if first is not None:
             next_tokens = torch.tensor([first], device=self.device)
         else:
-            next_tokens = sample(logits, self._sampling(row, row + 1, flags), flags, self.eos_id)
-        self._record(row, row + 1, next_tokens, flags, fed=False)
+            next_tokens = sample(logits, self.rows.sampling(row, row + 1, flags), flags, self.eos_id)
+        self.rows.record(row, row + 1, next_tokens, flags, fed=False)
         self._hand_out([seq], row, logits, next_tokens)
 
     def _decode(self) -> None:
+        """One decode step for every running row (rows 0..h-1, or all with a fixed batch shape)."""
         self.steps += 1
         rows = sorted(self.running)
         hi = self.max_batch if self.fixed_batch_shape else rows[-1] + 1
         seqs = [self.running[r] for r in rows]
         flags = self._flags(seqs)
         if flags.constrained:
-            self._fill_masks(seqs, 0, hi)
-        graphed = self.graphs(hi, flags) if self.graphs is not None else None
-        if graphed is not None:  # a replayed CUDA graph decoded rows 0..bucket-1 (see _graph_step)
-            logits, next_tokens = graphed[0][:hi], graphed[1][:hi]
-            self._record(0, hi, next_tokens, flags, fed=True)
-        else:
-            # Attention reads `length` cache positions: rounded up to fewer distinct lengths on GPUs,
-            # exact on the CPU, where every position read is paid for (a 0.5B step at length 256
-            # instead of ~100 is 1.5% slower in fp32, 3-5% in bf16).
-            step = 1 if self.device.type == "cpu" else 256
-            length = self.max_seq_len if self.fixed_batch_shape else attention_length(max(s.length for s in seqs) + 1, self.max_seq_len, step)
-            logits, next_tokens = self.decode_step(hi, flags, length)
+            self._fill_token_masks(seqs, 0, hi)
+        logits, next_tokens = self.decode_step(hi, flags, self._attention_length(seqs))
         for seq in seqs:
             seq.length += 1
         self._hand_out(seqs, 0, logits, next_tokens)
 
-    def decode_step(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows 0..batch-1 one token further (`_step`, then `_record`): the logits [batch, V] and the
-        tokens [batch] sampled. Through torch.compile with compile=True. A compiled step that fails
-        (no C++ compiler, a compiler bug, but also an error the eager step would raise too, such as
-        running out of memory) is dropped for the eager one for good, with a warning; the rows' state
-        is put back first, since a step may fail after moving some of it on (the eager rerun writes
-        the same cache positions again). Keeping that copy costs 3-4 small clones a step."""
-        if self.compiled_step is not None:
-            moved = self._moved_by_step(batch, flags)
-            saved = [t.clone() for t in moved]
-            try:
-                return self.compiled_step(batch, flags, length)
-            except Exception as e:
-                log.warning("the compiled decode step failed (%s: %s); decoding eagerly from now on",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                self.compiled_step = None
-                for t, before in zip(moved, saved):
-                    t.copy_(before)
-        return self._step_and_record(batch, flags, length)
+    def _attention_length(self, seqs: list[Sequence]) -> int:
+        """How many cache positions the decode step reads: the longest row's (+ the new token), rounded up.
 
-    def _step_and_record(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, next_tokens = self._step(batch, flags, length)
-        self._record(0, batch, next_tokens, flags, fed=True)
-        return logits, next_tokens
-
-    def _filtering_step_and_record(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same, as a function of its own, so that torch.compile caches it apart (see _compile_step)."""
-        return self._step_and_record(batch, flags, length)
-
-    def _moved_by_step(self, batch: int, flags: BatchFlags) -> list[torch.Tensor]:
-        """The per-row state a decode step of rows 0..batch-1 changes (besides the cache)."""
-        moved = [self.tokens[:batch], self.pos[:batch], self.n_generated[:batch]]
-        return moved + [self.counts[:batch]] if flags.penalties else moved
-
-    # --- torch.compile of the decode step ------------------------------------------------------------
-
-    def _compile_step(self):
-        """The decode step (`_step_and_record`: forward, sampling, the rows' state) through
-        torch.compile; prefill stays eager, since each prompt length would be a new shape.
-
-        On the CPU this is the fast path. Eager PyTorch runs a decode step as a few hundred separate
-        ops, ~1 ms of dispatch on a small model, and its bf16 mat-vecs read 15-18 GB/s; inductor fuses
-        the glue between matmuls, the sampler and the state update into a few C++ loops, and the
-        mat-vecs into vectorised reductions that read at memory speed (see `linear` in model.py;
-        BENCHMARKS.md has the figures), and the step costs one Python call. The price is compilation:
-        ~10 s for the small preset, ~1 min at 0.5B, on 2 cores, for the first step of each batch class
-        (1 row, 2-4, more) and each set of sampling features (`BatchFlags`; `Mistral.warm_up` does the
-        common ones ahead). Shapes are dynamic, so the growing cache length does not recompile. Needs a
-        C++ compiler on the CPU.
-
-        Only the PyTorch ops are compiled: on CUDA the Triton kernels and CUDA graphs (the default
-        there) do this job.
-        """
-        if self.model.ops.name != "torch":
-            raise ValueError(f"compile=True (--compile) compiles the PyTorch ops; this model uses kernels="
-                             f"{self.model.ops.name!r}: load it with kernels='torch' (--kernels torch), or leave "
-                             "compile off on CUDA, where the Triton kernels run with CUDA graphs")
-        # Each batch class (1 row, 2-4, more) x set of sampling features (greedy or not, penalties,
-        # filtering, logit_bias, a token mask: 24) is a compilation of its own, 72 at most. Where torch.compile
-        # takes a limit for one function (torch 2.13 does), allow them; elsewhere raise dynamo's
-        # global limit (8), past which a fullgraph compile raises (and we would fall back).
-        limit = {"recompile_limit": 128}
-        if "recompile_limit" not in inspect.signature(torch.compile).parameters:
-            limit = {}
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-        # Only the ints `batch` and `length` vary: the cache and the per-row state keep their shapes,
-        # and marking them static spares every call their shape guards (in Python, ~0.1 ms a step).
-        rows = (self.tokens, self.pos, self.active, self.n_generated, self.min_tokens, self.temperature, self.top_k,
-                self.top_p, self.min_p, self.presence, self.frequency, self.repetition, self.seed, self.token_mask)
-        for t in (*self.cache.k, *self.cache.v, self.cache.block_table, *rows):
-            torch._dynamo.mark_static(t)
-        # realize_opcount_threshold=0: store each intermediate rather than recompute it inside its
-        # consumers. Otherwise inductor inlines an RMSNorm (its rsqrt included) into the inner loop
-        # of the next mat-vec, once per weight row; storing it made decode steps 5-25% faster here.
-        # Not for batches that filter (top-k / top-p / min-p): with it, inductor (torch 2.13)
-        # miscompiles the sort of a batch of 2 or more rows: the generated code raised
-        # UnboundLocalError or, with in-place buffers off, sampled wrong tokens.
-        plain = torch.compile(self._step_and_record, dynamic=True, fullgraph=True,
-                              options={"realize_opcount_threshold": 0}, **limit)
-        filtering = torch.compile(self._filtering_step_and_record, dynamic=True, fullgraph=True, **limit)
-        return lambda batch, flags, length: (filtering if flags.filtering else plain)(batch, flags, length)
+        On the CPU, to a multiple of the block size (16), even with a fixed batch shape. Every
+        position read is paid for there (all rows over a server's 8,704 positions: 0.19 s a step for
+        the small model), and PyTorch's CPU attention gives a row the same bits at every such length
+        past its own (tests/test_model.py checks it; not at lengths between, where its vector loops
+        have a tail), so with a fixed batch shape only the batch dimension must stay fixed. Elsewhere
+        to a multiple of 256 (fewer distinct lengths), or, with a fixed batch shape, the whole cache,
+        since the GPU decode kernel splits its work by the length it is given."""
+        n, limit = max(s.length for s in seqs) + 1, self.cache.max_seq_len  # a multiple of the block size
+        if self.device.type == "cpu":
+            return attention_length(n, limit, self.cache.block_size)
+        return limit if self.fixed_batch_shape else attention_length(n, limit, 256)
 
     def warm_up_batches(self) -> list[int]:
-        """Decode batch sizes that each need their own preparation: one per compiled graph (batch 1,
-        2-4 rows, more: see `linear` in model.py) or per CUDA graph bucket; with a fixed batch shape,
-        only the full batch."""
-        if self.fixed_batch_shape:
-            return [self.max_batch]
-        if self.graphs is not None:
-            from .cuda_graphs import batch_buckets
-
-            return list(batch_buckets(self.max_batch))
-        return sorted({min(rows, self.max_batch) for rows in (1, 2, 5)})
-
-    # --- CUDA graphs of the decode step (see cuda_graphs.py) -----------------------------------------
-
-    def _captured_steps(self, cuda_graphs: bool | None):
-        """None means: on for a CUDA model on the Triton kernels. Their decode attention reads each
-        row's length on the device, so a graph over the whole cache costs no more than the rows'
-        own lengths; PyTorch's attention would read the whole cache at every step. A model whose
-        calls must run on the host each step (`capturable = False`: tensor parallelism's leader,
-        which announces each call to the other ranks) decodes eagerly."""
-        capturable = getattr(self.model, "capturable", True)
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and self.model.ops.name == "triton" and capturable
-        if not cuda_graphs:
-            return None
-        if not capturable:
-            raise ValueError("cuda_graphs=True: this model cannot be captured in a CUDA graph (a tensor-parallel "
-                             "model announces each call to its other ranks from the host)")
-        if self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {self.device}")
-        from .cuda_graphs import CapturedSteps
-
-        return CapturedSteps(self._graph_step, self.max_batch)
-
-    def _graph_step(self, batch: int, flags: BatchFlags) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step as captured: rows 0..batch-1 over the whole cache, sampled with the
-        features `flags` names, since those are host-side choices that the graph fixes. Reads only
-        the engine's persistent tensors."""
-        return self._step(batch, flags)
-
-    def _step(self, batch: int, flags: BatchFlags, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows 0..batch-1 one token further through the model, attending over `length` cache
-        positions (None: all of them), and their next tokens sampled: the logits [batch, V] and the
-        tokens [batch]. Reads only the engine's persistent tensors and writes only the cache at the
-        fed positions, as a captured graph must (its warm-up runs may not move any row on)."""
-        logits = self.model(self.tokens[:batch, None], self.pos[:batch], self.cache.view(0, batch, length=length))[:, -1]
-        return logits, sample(logits, self._sampling(0, batch, flags), flags, self.eos_id)
-
-    def _record(self, lo: int, hi: int, next_tokens: torch.Tensor, flags: BatchFlags, fed: bool) -> None:
-        """The device state of busy rows lo..hi-1 after a token was sampled for each: it is their
-        next input, one more generated, and counted for penalties. `fed`: a decode step put the
-        previous tokens in the cache, so the new ones go in at the next position (after a prefill,
-        `pos` already points past the prompt)."""
-        active = self.active[lo:hi]
-        if fed:
-            self.pos[lo:hi] += active
-        self.tokens[lo:hi] = torch.where(active.bool(), next_tokens, self.tokens[lo:hi])
-        self.n_generated[lo:hi] += active
-        if flags.penalties:  # the only rows that read their counts; each is in every batch of its life
-            self.counts[lo:hi].scatter_add_(1, next_tokens[:, None], active[:, None].int())
+        """Decode batch sizes that each need their own preparation (a compiled graph, a CUDA graph
+        bucket: `DecodeStep.batch_sizes`); with a fixed batch shape, only the full batch."""
+        return [self.max_batch] if self.fixed_batch_shape else self.decode_step.batch_sizes()
 
     def _hand_out(self, seqs: list[Sequence], lo: int, logits: torch.Tensor, next_tokens: torch.Tensor) -> None:
         """Send each sequence its token (rows from `lo` on) and finish those that are done."""
@@ -582,8 +429,7 @@ class Engine:
             row = seq.row
             if self.running.get(row) is seq:
                 del self.running[row]
-                self.active[row] = 0
-                self.pos[row] = 0
+                self.rows.stop(row)
                 self.cache.block_table[row] = 0  # the scratch block (see kv_cache.py)
             else:
                 self.prefilling.remove(seq)
@@ -596,64 +442,10 @@ class Engine:
             seq.blocks = []
         seq.emit(dataclasses.replace(event, cached_tokens=seq.cached))
 
-    # --- per-row settings ---------------------------------------------------------------------------
+    # --- what a batch uses -----------------------------------------------------------------------------
 
-    def _set_row(self, seq: Sequence) -> None:
-        p, row = seq.params, seq.row
-        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, (), generator=self._seed_source))
-        self.temperature[row], self.top_k[row], self.top_p[row], self.min_p[row] = p.temperature, p.top_k, p.top_p, p.min_p
-        self.presence[row], self.frequency[row], self.repetition[row] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-        self.seed[row] = seed & 0x7FFFFFFF
-        self.n_generated[row] = 0
-        self.min_tokens[row] = p.min_tokens
-        self.pos[row] = len(seq.prompt)
-        self.active[row] = 1
-        seq.matcher = p.constraint.matcher() if p.constraint is not None else None
-        dev = self.device
-        if p.logit_bias and self.logit_bias is None:
-            self.logit_bias = self._table(torch.float32)
-        if self.logit_bias is not None:
-            self.logit_bias[row] = 0
-            if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=dev)
-                self.logit_bias[row, ids] = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=dev)
-        if p.uses_penalties and self.counts is None:
-            self.counts, self.in_prompt = self._table(torch.int32), self._table(torch.bool)
-        if self.counts is not None:
-            self.counts[row] = 0
-            self.in_prompt[row] = False
-            self.in_prompt[row, torch.tensor(seq.prompt, dtype=torch.long, device=dev)] = True
-
-    def _table(self, dtype: torch.dtype) -> torch.Tensor:
-        """A [max_batch, V] table of per-row, per-token values, allocated when a request first needs it."""
-        table = torch.zeros(self.max_batch, self.vocab_size, dtype=dtype, device=self.device)
-        if self.compiled_step is not None:
-            torch._dynamo.mark_static(table)  # as the other persistent tensors (see _compile_step)
-        return table
-
-    def _sampling(self, lo: int, hi: int, flags: BatchFlags) -> SamplingTensors:
-        """The settings of rows lo..hi-1; the per-token tables only for a batch that uses them (what a
-        compiled step does not read, it does not guard on either)."""
-        return SamplingTensors(
-            temperature=self.temperature[lo:hi], top_k=self.top_k[lo:hi], top_p=self.top_p[lo:hi],
-            min_p=self.min_p[lo:hi], presence_penalty=self.presence[lo:hi], frequency_penalty=self.frequency[lo:hi],
-            repetition_penalty=self.repetition[lo:hi], seed=self.seed[lo:hi], step=self.n_generated[lo:hi],
-            ban_eos=self.n_generated[lo:hi] < self.min_tokens[lo:hi],
-            logit_bias=self.logit_bias[lo:hi] if flags.logit_bias else None,
-            counts=self.counts[lo:hi] if flags.penalties else None,
-            in_prompt=self.in_prompt[lo:hi] if flags.penalties else None,
-            token_mask=self.token_mask[lo:hi] if flags.constrained else None,
-        )
-
-    def _fill_masks(self, seqs: list[Sequence], lo: int, hi: int) -> None:
-        """Rows lo..hi-1 of the token mask: each constrained row's grammar fills its own (on the
-        host, ~30-100 µs a row), every other row allows all; then one copy to the device."""
-        host = self._host_mask[lo:hi]
-        host.fill_(-1)
-        for seq in seqs:
-            if seq.matcher is not None and seq.matcher.active:
-                seq.matcher.fill(self._host_mask[seq.row])
-        self.token_mask[lo:hi].copy_(host, non_blocking=True)
+    def _fill_token_masks(self, seqs: list[Sequence], lo: int, hi: int) -> None:
+        self.rows.fill_token_masks(lo, hi, [(s.row, s.matcher) for s in seqs if s.matcher is not None and s.matcher.active])
 
     @staticmethod
     def _flags(seqs: list[Sequence]) -> BatchFlags:

@@ -32,12 +32,10 @@ import torch
 from .engine import Engine, FinishEvent, GenerationParams, QueueFull, TokenEvent
 from .errors import RequestError
 from . import structured
+from .protocol import MAX_N, ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .prompt import ToolCallStream, encode_chat, parse_tool_calls, read_tool_choice, read_tools
-from .tokenizer import StreamingDetokenizer, Tokenizer, check_stop_strings
+from .tokenizer import StreamingDetokenizer, Tokenizer
 
-MAX_STOP_STRINGS = 4
-MAX_N = 16
-MAX_TOP_LOGPROBS = 20
 
 
 class Mistral:
@@ -165,7 +163,7 @@ class Mistral:
         settings = settings or ({"temperature": 0.0}, {"temperature": 1.0})
         steps = [(setting, rows) for setting in settings for rows in self.engine.warm_up_batches()]
         for setting, rows in progress(steps, desc="warming up", unit="step"):
-            gen, _ = self._params(len(prompt), "prompt", **setting)
+            gen = self._generation_params(CompletionRequest.parse({"prompt": prompt, **setting}), len(prompt), "prompt")
             params = dataclasses.replace(gen, max_tokens=2, ignore_eos=True)  # a prefill, then one decode step
             for _ in range(rows):
                 self.engine.add(prompt, params, lambda event: None)
@@ -190,9 +188,10 @@ class Mistral:
         text the model continues; the answer holds only the continuation). response_format
         ({"type": "text" | "json_object" | "json_schema", ...}), tool_choice "required" or a named
         function, and parallel_tool_calls are enforced by constrained decoding (structured.py).
-        Bad values raise RequestError naming the parameter.
+        The fields are protocol.py's ChatCompletionRequest; a bad value, or a keyword it doesn't
+        declare, raises RequestError naming the parameter.
         """
-        job = self._chat_job(messages, stream=stream, **params)
+        job = self._chat_job(ChatCompletionRequest.parse({"messages": messages, "stream": stream, **params}))
         return self._stream(job) if stream else _last(self._stream(job))
 
     def create_completion(self, prompt: str | list, *, stream: bool = False, **params) -> dict | Iterator[dict]:
@@ -201,39 +200,45 @@ class Mistral:
         As in OpenAI's API, `prompt` may also be a list of strings, a list of token ids (used as
         they are, no BOS added), or a list of such lists: each prompt gets `n` choices, numbered
         prompt by prompt (choice `p * n + i` is sample i of prompt p)."""
-        job = self._text_job(prompt, stream=stream, **params)
+        job = self._text_job(CompletionRequest.parse({"prompt": prompt, "stream": stream, **params}))
         return self._stream(job) if stream else _last(self._stream(job))
 
     async def acreate_chat_completion(self, messages: list[dict], *, stream: bool = False, **params):
         """The async twin of create_chat_completion; needs `start()`. Validation errors raise at once.
         The prompt is built and tokenized on a worker thread: a long one does not hold up the event loop."""
-        job = await asyncio.to_thread(self._chat_job, messages, stream=stream, **params)
+        req = ChatCompletionRequest.parse({"messages": messages, "stream": stream, **params})
+        job = await asyncio.to_thread(self._chat_job, req)
         return self._astream(job) if stream else await _alast(self._astream(job))
 
     async def acreate_completion(self, prompt: str | list, *, stream: bool = False, **params):
-        job = await asyncio.to_thread(self._text_job, prompt, stream=stream, **params)
+        req = CompletionRequest.parse({"prompt": prompt, "stream": stream, **params})
+        job = await asyncio.to_thread(self._text_job, req)
         return self._astream(job) if stream else await _alast(self._astream(job))
 
     # --- building jobs ---------------------------------------------------------------------------------
 
-    def _chat_job(self, messages, *, tools=None, tool_choice=None, parallel_tool_calls=None, response_format=None,
-                  continue_final_message=False, model=None, **params) -> "_Job":
+    def chat_request(self, messages, **params) -> tuple[list[int], GenerationParams]:
+        """The prompt ids and the engine's parameters a chat completion request becomes (what
+        `create_chat_completion` submits for each choice), to drive `engine` directly."""
+        job = self._chat_job(ChatCompletionRequest.parse({"messages": messages, **params}))
+        return job.prompts[0], job.gen
+
+    def _chat_job(self, req: ChatCompletionRequest) -> "_Job":
         tok = self.tokenizer
-        mode, name = read_tool_choice(tool_choice, tools)  # "none" | "auto" | "required" | "function"
-        prompt_tools = tools
+        mode, name = read_tool_choice(req.tool_choice, req.tools)  # "none" | "auto" | "required" | "function"
+        tools = prompt_tools = req.tools
         if mode == "function":
             prompt_tools = [t for t in tools if t.get("function", {}).get("name") == name]
-        continue_final_message = bool(_boolean("continue_final_message", continue_final_message))
-        if continue_final_message and mode in ("required", "function"):
+        if req.continue_final_message and mode in ("required", "function"):
             raise RequestError(f"tool_choice {mode!r} starts a new answer with a tool call; it cannot continue "
                                "the final message", param="continue_final_message")
-        parallel = _boolean("parallel_tool_calls", parallel_tool_calls) is not False
-        answer = structured.response_format_grammar(response_format)
-        if answer is not None and continue_final_message:
+        parallel = req.parallel_tool_calls
+        answer = structured.response_format_grammar(req.response_format)
+        if answer is not None and req.continue_final_message:
             raise RequestError("response_format constrains a whole answer; it cannot continue the final message",
                                param="continue_final_message")
-        prompt = encode_chat(tok, messages, tools=prompt_tools, continue_final_message=continue_final_message)
-        gen, opts = self._params(len(prompt), "messages", **params)
+        prompt = encode_chat(tok, req.messages, tools=prompt_tools, continue_final_message=req.continue_final_message)
+        gen = self._generation_params(req, len(prompt), "messages")
         constraint = None
         if mode in ("required", "function"):  # [TOOL_CALLS], then calls that validate
             grammar = structured.tool_calls_grammar(read_tools(prompt_tools), tok.tool_calls_id, parallel)
@@ -251,18 +256,22 @@ class Mistral:
         elif mode in ("required", "function"):  # the answer starts with [TOOL_CALLS]
             gen = dataclasses.replace(gen, first_token=tok.tool_calls_id)
         gen = _constrained(gen, constraint)
-        return _Job(self, "chat", [prompt], gen, tools_enabled=bool(tools) and mode != "none", **opts)
+        return _Job(self, "chat", [prompt], gen, req, tools_enabled=bool(tools) and mode != "none")
 
-    def _text_job(self, prompt, *, response_format=None, model=None, **params) -> "_Job":
-        prompts = self._text_prompts(prompt)
-        answer = structured.response_format_grammar(response_format)
-        gen, opts = self._params(max(len(ids) for ids in prompts), "prompt", **params)
+    def _text_job(self, req: CompletionRequest) -> "_Job":
+        prompts = self._text_prompts(req.prompt)
+        answer = structured.response_format_grammar(req.response_format)
+        gen = self._generation_params(req, max(len(ids) for ids in prompts), "prompt")
         if answer is not None:
             gen = _constrained(gen, structured.make_constraint(self.tokenizer, answer, "response_format"))
-        if len(prompts) * opts["n"] > MAX_N:
-            raise RequestError(f"{len(prompts)} prompts x n={opts['n']} asks for {len(prompts) * opts['n']} choices; "
+        if len(prompts) * req.n > MAX_N:
+            raise RequestError(f"{len(prompts)} prompts x n={req.n} asks for {len(prompts) * req.n} choices; "
                                f"at most {MAX_N} per request", param="prompt")
-        return _Job(self, "text", prompts, gen, tools_enabled=False, **opts)
+        return _Job(self, "text", prompts, gen, req, tools_enabled=False)
+
+    def _generation_params(self, req: GenerationRequest, prompt_len: int, prompt_param: str) -> GenerationParams:
+        return req.generation_params(prompt_len=prompt_len, prompt_param=prompt_param, max_seq_len=self.max_seq_len,
+                                     vocab_size=self.model.args.vocab_size)
 
     def _text_prompts(self, prompt) -> list[list[int]]:
         """The prompt ids of each prompt in a completions request: a string (encoded with BOS), a list
@@ -289,109 +298,6 @@ class Mistral:
                 raise RequestError("each prompt must be a string or a non-empty list of token ids", param=f"prompt[{i}]",
                                    code="invalid_type")
         return prompts
-
-    def _params(
-        self,
-        prompt_len: int,
-        prompt_param: str,  # the request field that holds the prompt: "messages" or "prompt"
-        *,
-        stream: bool = False,
-        stream_options: dict | None = None,
-        max_tokens: int | None = None,
-        max_completion_tokens: int | None = None,
-        temperature: float | None = 1.0,
-        top_p: float | None = 1.0,
-        top_k: int | None = 0,
-        min_p: float | None = 0.0,
-        presence_penalty: float | None = 0.0,
-        frequency_penalty: float | None = 0.0,
-        repetition_penalty: float | None = 1.0,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-        n: int | None = 1,
-        logprobs: bool | None = False,
-        top_logprobs: int | None = None,
-        logit_bias: dict | None = None,
-        ignore_eos: bool = False,
-        min_tokens: int = 0,
-        user: str | None = None,
-    ) -> tuple[GenerationParams, dict]:
-        """Validate OpenAI-style parameters and turn them into the engine's GenerationParams."""
-        # None means "the default", as it does in OpenAI's API.
-        temperature = _number("temperature", 1.0 if temperature is None else temperature, 0.0, 2.0)
-        top_p = _number("top_p", 1.0 if top_p is None else top_p, 0.0, 1.0, low_open=True)
-        top_k = _integer("top_k", 0 if top_k in (None, -1) else top_k, 0, self.model.args.vocab_size)
-        min_p = _number("min_p", 0.0 if min_p is None else min_p, 0.0, 1.0)
-        presence_penalty = _number("presence_penalty", presence_penalty or 0.0, -2.0, 2.0)
-        frequency_penalty = _number("frequency_penalty", frequency_penalty or 0.0, -2.0, 2.0)
-        repetition_penalty = _number("repetition_penalty", 1.0 if repetition_penalty is None else repetition_penalty, 0.0, 10.0, low_open=True)
-        n = _integer("n", 1 if n is None else n, 1, MAX_N)
-        min_tokens = _integer("min_tokens", min_tokens, 0, None)
-        if seed is not None:
-            seed = _integer("seed", seed, -(2**63), 2**63 - 1)
-        if not isinstance(ignore_eos, bool):
-            raise RequestError("ignore_eos must be a boolean", param="ignore_eos")
-        if not isinstance(stream, bool):
-            raise RequestError("stream must be a boolean", param="stream")
-        logprobs = bool(_boolean("logprobs", logprobs))
-        if top_logprobs is not None:
-            top_logprobs = _integer("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
-            if top_logprobs and not logprobs:
-                raise RequestError("top_logprobs needs logprobs to be true", param="top_logprobs")
-        stops = _stop_strings(stop)
-        bias = self._logit_bias(logit_bias)
-        include_usage = False
-        if stream_options is not None:
-            if not stream:
-                raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
-            if not isinstance(stream_options, dict):
-                raise RequestError("stream_options must be an object", param="stream_options")
-            include_usage = bool(_boolean("stream_options.include_usage", stream_options.get("include_usage", False)))
-
-        if max_tokens is not None and max_completion_tokens is not None:
-            raise RequestError("give max_tokens or max_completion_tokens, not both", param="max_tokens")
-        limit = max_tokens if max_tokens is not None else max_completion_tokens
-        param = "max_tokens" if max_tokens is not None else "max_completion_tokens"
-        # OpenAI's words, which client libraries match on (litellm's ContextWindowExceededError).
-        words = "messages" if prompt_param == "messages" else "prompt"
-        room = self.max_seq_len - prompt_len
-        if room <= 0:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_seq_len} tokens. However, your {words} resulted "
-                f"in {prompt_len} tokens. Please reduce the length of the {words}.",
-                param=prompt_param, code="context_length_exceeded")
-        if limit is None:
-            limit = room
-        elif _integer(param, limit, 1, None) > room:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
-                f"{prompt_len + limit} tokens ({prompt_len} in the {words}, {limit} in the completion). Please "
-                f"reduce the length of the {words} or completion.", param=param, code="context_length_exceeded")
-        if min_tokens > limit:
-            raise RequestError(f"min_tokens ({min_tokens}) is larger than max_tokens ({limit})", param="min_tokens")
-        gen = GenerationParams(
-            max_tokens=limit, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            repetition_penalty=repetition_penalty, logit_bias=bias, seed=seed, ignore_eos=ignore_eos,
-            min_tokens=min_tokens, logprobs=logprobs, top_logprobs=top_logprobs or 0,
-        )
-        return gen, {"n": n, "stop": stops, "stream": stream, "include_usage": include_usage}
-
-    def _logit_bias(self, logit_bias) -> dict[int, float] | None:
-        if logit_bias is None:
-            return None
-        if not isinstance(logit_bias, dict):
-            raise RequestError("logit_bias must map token ids to numbers", param="logit_bias")
-        out = {}
-        for key, value in logit_bias.items():
-            try:
-                token = int(key)
-            except (TypeError, ValueError):
-                raise RequestError(f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
-            if not 0 <= token < self.model.args.vocab_size or str(token) != str(key).strip():
-                raise RequestError(f"logit_bias key {key!r} is not a token id in [0, {self.model.args.vocab_size})", param="logit_bias")
-            out[token] = _number(f"logit_bias[{key!r}]", value, -100.0, 100.0)
-        return out or None
 
     # --- running jobs ----------------------------------------------------------------------------------
 
@@ -453,13 +359,13 @@ class _Choice:
 class _Job:
     """One request: n engine sequences per prompt, and the chunks made from their events."""
 
-    def __init__(self, llm: Mistral, kind: str, prompts: list[list[int]], gen: GenerationParams, *,
-                 tools_enabled: bool, n: int, stop: list[str], stream: bool, include_usage: bool):
-        self.llm, self.kind, self.prompts, self.gen = llm, kind, prompts, gen
-        self.tools_enabled, self.n, self.stop, self.stream, self.include_usage = tools_enabled, n, stop, stream, include_usage
+    def __init__(self, llm: Mistral, kind: str, prompts: list[list[int]], gen: GenerationParams,
+                 req: GenerationRequest, *, tools_enabled: bool):
+        self.llm, self.kind, self.prompts, self.gen, self.tools_enabled = llm, kind, prompts, gen, tools_enabled
+        self.n, self.stop, self.stream, self.include_usage = req.n, req.stop, req.stream, req.include_usage
         self.id = ("chat-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.choices = [_Choice(self, i) for i in range(len(prompts) * n)]  # choice p * n + i: sample i of prompt p
+        self.choices = [_Choice(self, i) for i in range(len(prompts) * self.n)]  # choice p * n + i: sample i of prompt p
         self.seqs: list = []  # the engine's sequences, once submitted
 
     @property
@@ -630,31 +536,7 @@ class _Job:
                 "text_offset": None}
 
 
-# --- parameter checks -------------------------------------------------------------------------------
-
-
-def _number(name: str, value, low: float, high: float, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise RequestError(f"{name} must be a number, got {value!r}", param=name)
-    if value > high or value < low or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise RequestError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}", param=name)
-    return float(value)
-
-
-def _integer(name: str, value, low: int, high: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be an integer, got {value!r}", param=name)
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise RequestError(f"{name} must be {bounds}, got {value}", param=name)
-    return value
-
-
-def _boolean(name: str, value):
-    if value is not None and not isinstance(value, bool):
-        raise RequestError(f"{name} must be a boolean, got {value!r}", param=name)
-    return value
+# --- helpers -------------------------------------------------------------------------------------------
 
 
 def _constrained(gen: GenerationParams, constraint) -> GenerationParams:
@@ -668,15 +550,6 @@ def _constrained(gen: GenerationParams, constraint) -> GenerationParams:
         raise RequestError(f"{param} cannot be combined with a constrained answer (response_format or "
                            "tool_choice): the grammar ends the answer with EOS", param=param)
     return dataclasses.replace(gen, constraint=constraint)
-
-
-def _stop_strings(stop) -> list[str]:
-    if stop is not None and not isinstance(stop, (str, list)):
-        raise RequestError("stop must be a string or a list of strings", param="stop")
-    stops = check_stop_strings(stop)
-    if len(stops) > MAX_STOP_STRINGS:
-        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
-    return stops
 
 
 def _finite(logprob: float) -> float:

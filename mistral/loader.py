@@ -223,10 +223,8 @@ def load_model(
         from . import tp
 
         if tp.launched():
-            if quantize is not None:
-                raise CheckpointError("quantized weights (--quantize) under tensor parallelism are not supported yet")
             return tp.load_model(folder, torch.device(device if device is not None else "cpu"), dtype=dtype,
-                                 kernels=kernels, max_seq_len=max_seq_len, prefer=prefer, quiet=quiet)
+                                 kernels=kernels, max_seq_len=max_seq_len, prefer=prefer, quiet=quiet, quantize=quantize)
     ckpt = find_checkpoint(folder, prefer)
     args = ckpt.args()
     device = resolve_device(device if device is not None else "cpu")
@@ -235,11 +233,12 @@ def load_model(
 
     with torch.device("meta"):
         model = Transformer(args, max_seq_len=max_seq_len)
-        full = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     if shard is not None:
         shard.apply(model)
     # A quantized load swaps the linear layers (quantize.py) and says which tensors the file holds.
     plan = QuantizedLoad.plan(ckpt, model, quantize)
+    if plan is not None and shard is not None:
+        plan.row_max = shard.row_max  # int8 scales of whole rows, for the ranks' column slices
     expected = plan.file_shapes if plan is not None else {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
     state: dict[str, torch.Tensor] = {}
@@ -257,7 +256,7 @@ def load_model(
                 if name in seen_in:
                     raise CheckpointError(f"{path}: tensor {key!r} appears again (already in {seen_in[name]})")
                 try:
-                    tensor = f.get_tensor(key) if shard is None else shard.read(f, key, name, full[name], path)
+                    tensor = f.get_tensor(key) if shard is None else shard.read(f, key, name, expected[name], path)
                 except CheckpointError:
                     raise
                 except Exception as e:

@@ -77,10 +77,13 @@ class Quantization:
 # --- the arithmetic ------------------------------------------------------------------------------
 
 
-def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (weight [N, K] int8, scales [N] in scale_dtype)."""
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype,
+                  amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (weight [N, K] int8, scales [N] in scale_dtype). amax [N] fp32: the rows'
+    largest magnitudes, when w holds only some of the matrix's columns (a tensor-parallel slice)."""
     wf = w.float()
-    scales = (wf.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
+    amax = wf.abs().amax(dim=1) if amax is None else amax
+    scales = (amax / 127).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
     q = torch.round(wf / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
@@ -247,10 +250,11 @@ def quantize_model(model: nn.Module, quantization: Quantization) -> nn.Module:
     return model
 
 
-def quantize_tensor(w: torch.Tensor, quantization: Quantization, scale_dtype: torch.dtype):
-    """(weight, scales) of one [N, K] matrix, on w's device."""
+def quantize_tensor(w: torch.Tensor, quantization: Quantization, scale_dtype: torch.dtype,
+                    amax: torch.Tensor | None = None):
+    """(weight, scales) of one [N, K] matrix, on w's device (amax: see quantize_int8)."""
     if quantization.method == "int8":
-        return quantize_int8(w, scale_dtype)
+        return quantize_int8(w, scale_dtype, amax)
     return quantize_int4(w, quantization.group_size, scale_dtype)
 
 
@@ -286,6 +290,8 @@ class QuantizedLoad:
                  file_dtypes: dict[str, torch.dtype]):
         self.quantization, self.stored = quantization, stored
         self.file_shapes, self.file_dtypes = file_shapes, file_dtypes
+        # Tensor parallelism (tp.Shard.row_max): (name, a slice's row maxima [N]) -> the whole rows'.
+        self.row_max = None
 
     @classmethod
     def plan(cls, ckpt, model: nn.Module, quantize: "str | Quantization | None") -> "QuantizedLoad | None":
@@ -324,7 +330,10 @@ class QuantizedLoad:
         """The state entries for one tensor of the file: itself, or its (weight, scales) pair."""
         if self.stored or not is_quantized_name(name):
             return {name: tensor}
-        weight, scales = quantize_tensor(tensor, self.quantization, tensor.dtype)
+        amax = None
+        if self.row_max is not None and self.quantization.method == "int8":
+            amax = self.row_max(name, tensor.float().abs().amax(dim=1))
+        weight, scales = quantize_tensor(tensor, self.quantization, tensor.dtype, amax)
         return {name: weight, name.removesuffix("weight") + "scales": scales}
 
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -52,10 +54,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from . import protocol
 from .errors import RequestError
 from .metrics import Metrics
 from .generate import dumps
@@ -77,9 +80,10 @@ OWNED_BY = "mistral-from-scratch"
 
 # --- request schemas ---------------------------------------------------------------------------------
 #
-# Declared once, for types and names only: `strict=True` refuses "5" for an integer or 1 for a
-# boolean. Values (ranges, stop strings, logit_bias ids, the messages and tools themselves) are
-# checked by generate.py and prompt.py, which name the offending field; they are not checked twice.
+# The generation requests are protocol.py's, as pydantic models built from its fields, for types
+# and names only: `strict=True` refuses "5" for an integer or 1 for a boolean, with OpenAI's
+# words. Values (ranges, stop strings, logit_bias ids, the messages and tools themselves) are
+# checked when protocol.py parses the fields for `Mistral`, which names the offending one.
 #
 # Fields these schemas don't declare are accepted and ignored, with one warning per request naming
 # them, as vLLM does: clients add fields every release (`metadata`, `store`, `service_tier`,
@@ -98,71 +102,37 @@ class _Schema(BaseModel):
                 names += [f"{name}.{n}" for n in value.ignored_fields()]
         return names
 
-    def _dump(self, exclude: set[str]) -> dict:
-        """The declared fields given non-null, as keyword arguments for generate.py."""
-        drop: dict[str, Any] = {name: True for name in [*exclude, *(self.model_extra or ())]}
+    def given(self) -> dict:
+        """The declared fields given non-null: the keyword arguments of a `Mistral` call."""
+        drop: dict[str, Any] = {name: True for name in self.model_extra or ()}
         for name in type(self).model_fields:
             if isinstance(value := getattr(self, name), _Schema) and value.model_extra:
                 drop[name] = {n: True for n in value.model_extra}
         return self.model_dump(exclude_none=True, exclude=drop)
 
 
-class StreamOptions(_Schema):
-    include_usage: bool | None = None
+def _members(annotation: Any) -> list:
+    """The types of a union, None left out (an optional field takes null)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for m in typing.get_args(annotation) if m is not type(None)]
+    return [annotation]
 
 
-class _GenerationRequest(_Schema):
-    """The fields both endpoints share: OpenAI's, then vLLM's extensions."""
-
-    model: str
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    # vLLM's
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
-    min_tokens: int | None = None
+@functools.cache
+def _schema(request: type) -> type[_Schema]:
+    """The pydantic model of a protocol.py request (or nested object): its HTTP fields, each with
+    its JSON type and doc; a required one takes no null."""
+    fields: dict[str, Any] = {}
+    for name, annotation, required, doc in request.http_fields():
+        members = tuple(_schema(m) if dataclasses.is_dataclass(m) else m for m in _members(annotation))
+        annotation = typing.Union[members]
+        fields[name] = (annotation, Field(..., description=doc)) if required else \
+            (annotation | None, Field(None, description=doc))
+    return create_model(request.__name__, __base__=_Schema, __doc__=request.__doc__, **fields)
 
 
-class ChatCompletionRequest(_GenerationRequest):
-    messages: list[dict[str, Any]]  # checked message by message in prompt.py
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None  # checked in structured.py
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    continue_final_message: bool | None = None  # vLLM's: continue the last (assistant) message's text
-
-    def params(self) -> dict:
-        """The keyword arguments of `Mistral.acreate_chat_completion`; null means "the default"."""
-        return self._dump({"model", "messages"})
-
-
-class CompletionRequest(_GenerationRequest):
-    prompt: Any  # a string, token ids, or a list of either: checked in generate.py, which names the bad one
-    logprobs: int | None = None  # the legacy API's: how many alternatives to list per token
-    response_format: dict[str, Any] | None = None  # vLLM's extension of the legacy endpoint
-
-    def params(self) -> dict:
-        params = self._dump({"model", "prompt"})
-        params.setdefault("max_tokens", 16)  # the legacy endpoint's default, as OpenAI and vLLM have it
-        if "logprobs" in params:
-            params["top_logprobs"] = params["logprobs"]
-            params["logprobs"] = True
-        return params
+ChatCompletionRequest = _schema(protocol.ChatCompletionRequest)
+CompletionRequest = _schema(protocol.CompletionRequest)
 
 
 class TokenizeRequest(_Schema):
@@ -298,13 +268,6 @@ def _locate(schema: type[BaseModel], data: Any, loc: tuple) -> tuple[str, str, A
         else:
             break
     return param, _describe(annotation), value
-
-
-def _members(annotation: Any) -> list:
-    """The types of a union, None left out (an optional field takes null)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return [m for m in typing.get_args(annotation) if m is not type(None)]
-    return [annotation]
 
 
 def _describe(annotation: Any, plural: bool = False) -> str:
@@ -517,7 +480,7 @@ def create_app(
         backend.get()  # 503 while loading, before reading the body
         req: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
         llm = backend.served(req.model)
-        return await _answer(request, bool(req.stream), llm.acreate_chat_completion(req.messages, **req.params()), backend,
+        return await _answer(request, bool(req.stream), llm.acreate_chat_completion(**req.given()), backend,
                              metrics)
 
     @api.post("/completions", **_documented(CompletionRequest, Completion, Completion))
@@ -525,7 +488,7 @@ def create_app(
         backend.get()
         req: CompletionRequest = await read_body(request, CompletionRequest)
         llm = backend.served(req.model)
-        return await _answer(request, bool(req.stream), llm.acreate_completion(req.prompt, **req.params()), backend, metrics)
+        return await _answer(request, bool(req.stream), llm.acreate_completion(**protocol.CompletionRequest.from_http(req.given())), backend, metrics)
 
     @api.get("/debug/engine")
     async def engine_state() -> dict:

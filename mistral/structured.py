@@ -143,7 +143,7 @@ def make_constraint(tokenizer: Tokenizer, grammar: str, param: str, trigger: int
     """A checked Constraint; without llguidance, or for a grammar it refuses (a schema keyword it
     cannot enforce under strict), a RequestError naming `param`."""
     _llguidance(param)
-    error = _check(_llg_tokenizer(tokenizer), grammar)
+    error = _check(llguidance_tokenizer(tokenizer), grammar)
     if error:
         raise RequestError(f"{param}: the schema cannot be enforced: {error.splitlines()[0]}", param=param)
     return Constraint(grammar, tokenizer, trigger)
@@ -169,7 +169,7 @@ class Matcher:
     def _start(self):
         import llguidance
 
-        return llguidance.LLMatcher(_llg_tokenizer(self.constraint.tokenizer), self.constraint.grammar)
+        return llguidance.LLMatcher(llguidance_tokenizer(self.constraint.tokenizer), self.constraint.grammar)
 
     @property
     def active(self) -> bool:
@@ -193,14 +193,14 @@ class Matcher:
 
 
 @functools.lru_cache(maxsize=8)
-def _llg_tokenizer(tokenizer: Tokenizer):
+def llguidance_tokenizer(tokenizer: Tokenizer):
     """llguidance's view of the v3 tokenizer, built once per Tokenizer (~0.2 s)."""
     import llguidance
 
-    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tokenizer)))
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocabulary(tokenizer)))
 
 
-class _Vocabulary:
+class Vocabulary:
     """What llguidance.TokenizerWrapper reads: each token's bytes, the special tokens, and an encoder.
 
     Ordinary pieces are their text with `▁` as a space, byte pieces their byte, control tokens

@@ -14,11 +14,14 @@ The KV cache is split with the heads: each rank caches its own n_kv_heads / N he
 
 The sharding is applied from outside `model.py`, which stays the single-device architecture: the
 model is built on the meta device as usual, then `Shard.apply` shrinks its projections to this
-rank's part and swaps wo, w2 and output for the parallel versions below; `load_model(shard=...)`
+rank's part and hooks the collectives onto the blocks' and the model's outputs; `load_model(shard=...)`
 (loader.py) then reads only this rank's slices from the memory-mapped safetensors files
 (`Shard.read`), so each rank's memory holds about 1/N of the weights. Both on-disk formats work:
 Hugging Face's rotate-half permutation of wq/wk rows stays inside each head, so a slice of whole
-heads is unpermuted like a smaller checkpoint.
+heads is unpermuted like a smaller checkpoint. Quantized weights (quantize.py) are split the same
+way, each rank quantizing its slices as it reads them or reading them from a quantized checkpoint:
+int8's scales are per whole row (wo's and w2's taken over all ranks' columns), int4's groups must
+not straddle two ranks' columns, so either gives what one process computes.
 
 Launching (see `load_model` below and tp_replay.py for how the ranks then cooperate):
 
@@ -43,7 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.distributed._functional_collectives as funcol
 
 from .args import ModelArgs
 from .errors import CheckpointError, MistralError
@@ -61,53 +64,52 @@ class TensorParallelError(MistralError):
     """The ranks cannot work together: a bad N, different weights, a rank gone."""
 
 
-def collective(op, *args, **kwargs):
+def collective(fn, /, *args, **kwargs):
     """Run a torch.distributed collective. Its failure (a rank gone, a deadline passed: gloo and NCCL
     raise a plain RuntimeError) becomes a TensorParallelError, which no model error is mistaken for."""
     try:
-        return op(*args, **kwargs)
+        return fn(*args, **kwargs)
     except RuntimeError as e:
         reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-        raise TensorParallelError(f"{op.__name__} failed: {reason}") from e
+        raise TensorParallelError(f"{fn.__name__} failed: {reason}") from e
 
 
-# --- the parallel layers (module swaps for wo, w2 and output) --------------------------------------
+# --- the collectives that join the ranks' parts ----------------------------------------------------
+#
+# Eagerly, they are torch.distributed's in-place collectives, whose failures `collective` names.
+# Under torch.compile (the engine's compiled decode step, a follower's replay of it) they are the
+# functional collectives, which dynamo traces into the graph as nodes of their own (a collective
+# and a wait), so that the step stays one graph (a graph break at each collective would make it
+# 2 x n_layers + 1 graphs, each with its own guards and Python call). A collective that fails there
+# raises a plain RuntimeError; the eager rerun that follows it (Engine.decode_step, CompiledForward
+# in tp_replay.py) fails at its first collective in turn, with the TensorParallelError that ends the rank.
 
 
-class RowParallelLinear(Linear):
-    """A Linear whose input features are split across ranks: each rank multiplies its slice of the
-    input by its columns of the weight, and the partial sums are added up across ranks."""
-
-    def __init__(self, in_features: int, out_features: int, group: dist.ProcessGroup | None):
-        super().__init__(in_features, out_features)
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features / N] -> [..., out_features]
-        out = self.ops.linear(x, self.weight)
-        collective(dist.all_reduce, out, group=self.group)
-        return out
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The sum of every rank's x."""
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(x, "sum", group or dist.group.WORLD)
+    collective(dist.all_reduce, x, group=group)
+    return x
 
 
-class VocabParallelLinear(Linear):
-    """The output head with its vocabulary rows split across ranks: each computes the logits of its
-    slice of the vocabulary, and the slices are gathered, so every rank ends with all the logits."""
-
-    def __init__(self, in_features: int, out_features: int, group: dist.ProcessGroup | None, world: int):
-        super().__init__(in_features, out_features)
-        self.group, self.world = group, world
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., vocab_size]
-        part = self.ops.linear(x, self.weight).contiguous()  # [..., vocab_size / N]
-        parts = [torch.empty_like(part) for _ in range(self.world)]
-        collective(dist.all_gather, parts, part, group=self.group)
-        return torch.cat(parts, dim=-1)
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, world: int) -> torch.Tensor:
+    """Every rank's x [..., n], in rank order along the last dimension: [..., world * n]."""
+    x = x.contiguous()
+    if torch.compiler.is_compiling():
+        return funcol.all_gather_tensor(x, x.dim() - 1, group or dist.group.WORLD)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    collective(dist.all_gather, parts, x, group=group)
+    return torch.cat(parts, dim=-1)
 
 
 # --- which rows or columns this rank holds ----------------------------------------------------------
 
-_ROWS = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-         "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
-_COLUMNS = ("attention.wo.weight", "feed_forward.w2.weight")
+# A quantized layer's scales (quantize.py) are split with its weight: by rows, or, for wo and w2, by
+# columns of the int4 groups; an int8 layer's per-row scales of wo and w2 are held whole.
+_ROWS = tuple(f"{layer}.{tensor}" for layer in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1",
+                                                "feed_forward.w3", "output") for tensor in ("weight", "scales"))
+_COLUMNS = tuple(f"{layer}.{tensor}" for layer in ("attention.wo", "feed_forward.w2") for tensor in ("weight", "scales"))
 
 
 @dataclass(frozen=True)
@@ -137,8 +139,13 @@ class Shard:
 
     def apply(self, model: Transformer) -> Transformer:
         """Shrink a model built on the meta device to this rank's part (before its weights are
-        loaded): smaller wq/wk/wv/w1/w3, the parallel wo/w2/output, and `model.args` describing the
-        part, so that `new_cache` allocates this rank's KV heads only."""
+        loaded): smaller projections, `model.args` describing the part (so that `new_cache`
+        allocates this rank's KV heads only), and the collectives that join the parts.
+
+        The collectives are forward hooks on the modules whose outputs are partial (each attention
+        and feed-forward block: its wo or w2 covered this rank's slice of the inputs) or sliced (the
+        model: its logits), not new linear layers: the projections stay whatever the loader makes
+        them next, plain or quantized (quantize.py)."""
         args = model.args
         self.check(args)
         local = self.local_args(args)
@@ -148,30 +155,65 @@ class Shard:
                 attention, ff = layer.attention, layer.feed_forward
                 attention.n_heads, attention.n_kv_heads = local.n_heads, local.n_kv_heads
                 attention.wq, attention.wk, attention.wv = Linear(args.dim, q), Linear(args.dim, kv), Linear(args.dim, kv)
-                attention.wo = RowParallelLinear(q, args.dim, self.group)
+                attention.wo = Linear(q, args.dim)
                 ff.w1, ff.w3 = Linear(args.dim, local.hidden_dim), Linear(args.dim, local.hidden_dim)
-                ff.w2 = RowParallelLinear(local.hidden_dim, args.dim, self.group)
-            model.output = VocabParallelLinear(args.dim, args.vocab_size // self.world, self.group, self.world)
+                ff.w2 = Linear(local.hidden_dim, args.dim)
+                for block in (attention, ff):  # [B, T, dim]: this rank's share of the sum
+                    block.register_forward_hook(lambda module, inputs, out: all_reduce(out, self.group))
+            model.output = Linear(args.dim, args.vocab_size // self.world)
+        # [B, T, vocab_size / N]: the logits of this rank's slice of the vocabulary
+        model.register_forward_hook(lambda module, inputs, logits: all_gather(logits, self.group, self.world))
         model.args = local
         model.use_ops(model.ops)  # the new modules take the model's operations
         return model
 
-    def read(self, f, key: str, name: str, full_shape: tuple[int, ...], path: Path) -> torch.Tensor:
-        """This rank's slice of tensor `key` (checkpoint name `name`) from the open safetensors file
-        `f`; only the slice's bytes are read from the memory map."""
+    def read(self, f, key: str, name: str, shape: tuple[int, ...], path: Path) -> torch.Tensor:
+        """This rank's slice, of shape `shape`, of tensor `key` (checkpoint name `name`) from the open
+        safetensors file `f`; only the slice's bytes are read from the memory map."""
         # Copies, not views of the mapped file: one view left would keep the whole mapping alive, and
         # with it every page a column slice touched (all of its tensor's); copied, each rank's memory
         # holds its slices and nothing more once the file is closed.
-        if not name.endswith(_ROWS + _COLUMNS):
+        dim = _split_dim(name, len(shape))
+        if dim is None:
             return f.get_tensor(key).clone()
+        full = tuple(n * self.world if d == dim else n for d, n in enumerate(shape))
         part = f.get_slice(key)
-        shape = tuple(part.get_shape())
-        if shape != full_shape:
-            raise CheckpointError(f"{path}: tensor {key!r} has shape {list(shape)}, but the config implies {list(full_shape)}")
-        dim = 0 if name.endswith(_ROWS) else 1
-        size = shape[dim] // self.world
-        index = slice(self.rank * size, (self.rank + 1) * size)
+        if tuple(part.get_shape()) != full:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {list(part.get_shape())}, but the config "
+                                  f"implies {list(full)}")
+        index = slice(self.rank * shape[dim], (self.rank + 1) * shape[dim])
         return (part[index] if dim == 0 else part[:, index]).clone(memory_format=torch.contiguous_format)
+
+    def row_max(self, name: str, amax: torch.Tensor) -> torch.Tensor:
+        """The largest magnitude of each row of matrix `name`, from those of this rank's slice
+        (`amax` [N]): for an int8 quantization that computes what one process's does, per whole row
+        (quantize.py). Ranks holding whole rows have them already; wo and w2's column slices take
+        the maximum over the ranks (every rank loads the same tensors in the same order)."""
+        if _split_dim(name, 2) != 1:
+            return amax
+        collective(dist.all_reduce, amax, op=dist.ReduceOp.MAX, group=self.group)
+        return amax
+
+    def check_quantization(self, args: ModelArgs, quantization) -> None:
+        """int4's groups run along the input dimension: wo's and w2's column slices must hold whole groups."""
+        if quantization is None or quantization.method != "int4":
+            return
+        for layer, width in (("wo", args.n_heads * args.head_dim), ("w2", args.hidden_dim)):
+            part = width // self.world
+            if part % quantization.group_size:
+                raise TensorParallelError(
+                    f"tensor parallelism over {self.world} ranks splits {layer}'s {width} input features into slices "
+                    f"of {part}, which int4 groups of {quantization.group_size} do not divide: use a group size that "
+                    f"divides {part} (int4-<group size>), or fewer ranks")
+
+
+def _split_dim(name: str, ndim: int) -> int | None:
+    """Along which dimension tensor `name` (of `ndim` dimensions) is split across ranks; None: whole."""
+    if name.endswith(_ROWS):
+        return 0
+    if name.endswith(_COLUMNS) and ndim == 2:
+        return 1
+    return None
 
 
 def _divisors(args: ModelArgs) -> str:
@@ -212,10 +254,14 @@ def load_model(folder: str | Path, device: torch.device, **kwargs):
     """loader.load_model under torchrun: every rank loads its shard. On rank 0 this returns the model
     behind a `Leader` (tp_replay.py), whose calls every rank runs together. On the other ranks it
     does not return: they replay rank 0's model calls until rank 0 is done, then exit the process."""
-    from .loader import load_model as load_one
+    from .loader import find_checkpoint, load_model as load_one
     from .tp_replay import Leader, follow
 
+    from .quantize import Quantization, read_quantization
+
     shard, device = init(device)
+    ckpt = find_checkpoint(folder, kwargs.get("prefer"))
+    shard.check_quantization(ckpt.args(), read_quantization(ckpt.folder) or Quantization.parse(kwargs.get("quantize")))
     model = load_one(folder, device=device, shard=shard, **kwargs)
     check_same_weights(folder, kwargs.get("prefer"), model, shard)
     if shard.rank == 0:

@@ -1,4 +1,4 @@
-"""The paged KV cache's serving benchmarks (issue 17), each side by side with its peer in one run.
+"""The paged KV cache's serving benchmarks, each side by side with its peer in one run.
 
     python scripts/bench_paged.py [--preset small] [--peer /work/main] [--only multiturn,stall,levels]
 
@@ -10,7 +10,7 @@ multiturn  C clients, each a conversation of --turns turns (a ~1,000-token syste
            lets a turn reuse the previous ones.
 stall      4 streaming clients; an 8,000-token prompt arrives while they stream. Their median
            inter-token gap without it, and the p99 (and max) gap while it is read, with
-           --prefill-chunk 512 vs one prefill (--prefill-chunk larger than the prompt).
+           --prefill-chunk 512 vs one prefill (--prefill-chunk larger than the prompt), or --chunks.
 levels     bench_server.py's 1/8/32 clients, this checkout vs --peer (another checkout, e.g. main).
 
 Each server is started from its checkout's directory, so it imports that checkout's `mistral`.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import statistics
@@ -96,8 +97,20 @@ async def stall(url, a) -> dict:
         gaps_before, gaps_during = [], []
         arrived = {}
 
+        done = asyncio.Event()
+
         async def stream(k):
-            _, times, _, _ = await chat(http, url, a, [{"role": "user", "content": f"Stream {k}: count slowly."}], 300)
+            # Streams until the long prompt's first token is out (then the client goes away, which
+            # cancels the request), so that they span its whole prefill however fast they decode.
+            body = {"model": a.model, "messages": [{"role": "user", "content": f"Stream {k}: count slowly."}],
+                    "max_tokens": 8000, "ignore_eos": True, "temperature": 0, "stream": True}
+            times = []
+            async with contextlib.aclosing(sse_chunks(http, f"{url}/v1/chat/completions", body)) as chunks:
+                async for chunk in chunks:
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        times.append(time.perf_counter())
+                    if done.is_set():
+                        break
             return times
 
         async def long():
@@ -106,6 +119,7 @@ async def stall(url, a) -> dict:
             long_prompt = "The coast has light rain in the morning and sun later. " * 615  # ~8,000 tokens
             ttft, *_ = await chat(http, url, a, [{"role": "user", "content": long_prompt}], 1)
             arrived["first"] = arrived["sent"] + ttft
+            done.set()
 
         *streams, _ = await asyncio.gather(*(stream(k) for k in range(4)), long())
     sent, first = arrived["sent"], arrived["first"]
@@ -125,6 +139,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--stall-after", type=float, default=3.0, help="seconds of streaming before the long prompt")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--chunks", default="512,100000", help="stall: the --prefill-chunk values to compare (>= 8704: one prefill)")
     a = ap.parse_args()
     a.model, a.api_key, a.kernels, a.device, a.dtype = "bench", "sk-bench", "torch", "cpu", None
     only = set(a.only.split(","))
@@ -158,7 +173,8 @@ def main() -> None:
         if "stall" in only:
             out.append("| prefill | streams' median gap (s) | p99 gap while the 8k prompt is read (s) | max gap (s) | p99 / median | 8k prompt TTFT (s) |")
             out.append("|---|---|---|---|---|---|")
-            for label, chunk in (("chunks of 512", "512"), ("one prefill", "100000")):
+            for chunk in a.chunks.split(","):
+                label = "one prefill" if int(chunk) >= 8704 else f"chunks of {chunk}"
                 process, url = serve(weights, ("--prefill-chunk", chunk), max_batch=8, max_seq_len=8704)
                 try:
                     r = asyncio.run(stall(url, a))

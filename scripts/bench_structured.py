@@ -72,12 +72,12 @@ def mask_fill(walks: int) -> None:
     tok = Tokenizer.from_path(v3_tokenizer_file())
     results = {"llguidance": []}
     grammar = structured.response_format_grammar({"type": "json_schema", "json_schema": {"schema": WALK_SCHEMA}})
-    lt = structured._llg_tokenizer(tok)
+    lt = structured.llguidance_tokenizer(tok)
     mask = torch.full((1, 1024), -1, dtype=torch.int32)
     try:
         import xgrammar as xgr
 
-        info = xgr.TokenizerInfo(structured._Vocabulary(tok).tokens, xgr.VocabType.RAW, vocab_size=tok.vocab_size,
+        info = xgr.TokenizerInfo(structured.Vocabulary(tok).tokens, xgr.VocabType.RAW, vocab_size=tok.vocab_size,
                                  stop_token_ids=[tok.eos_id])
         compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(WALK_SCHEMA), any_whitespace=False)
         results["xgrammar"] = []
@@ -110,10 +110,10 @@ def decode_rate(llm: Mistral, batch: int, constrained: bool) -> float:
     """Tokens per second per row over the decode phase of `batch` rows."""
     params = dict(temperature=0, max_tokens=NEW_TOKENS)
     params.update(response_format=LONG) if constrained else params.update(ignore_eos=True)
-    job = llm._chat_job(MESSAGES, **params)
+    prompt, gen = llm.chat_request(MESSAGES, **params)
     stamps: list[list[float]] = [[] for _ in range(batch)]
     for i in range(batch):
-        llm.engine.add(job.prompts[0], job.gen, lambda ev, i=i: stamps[i].append(time.perf_counter()))
+        llm.engine.add(prompt, gen, lambda ev, i=i: stamps[i].append(time.perf_counter()))
     llm.engine.run_until_idle()
     rates = [(len(s) - 2) / (s[-2] - s[0]) for s in stamps]  # the last stamp is the finish event
     return sum(rates) / len(rates)

@@ -7,16 +7,20 @@ costs (the collectives, the replayed calls), not a speed-up. Each configuration 
   TP=1, 2 threads   the plain model, as `mistral generate` runs it here
   TP=1, 1 thread    the same with one thread: the compute one rank of TP=2 has
   TP=2, 1 thread each
+  the same three with the decode step compiled (`Engine(compile=True)`: rank 0's compiled step,
+                    the followers' compiled replay, the collectives inside both graphs)
+  TP=2 compiled, with a graph break at each collective instead (fullgraph off): the alternative
 
-What each launch measures (batch 1, greedy, fp32, eager, EOS ignored):
+What each launch measures (batch 1, greedy, fp32, EOS ignored):
 
   decode tok/s   `Engine` (engine.py) through rank 0's `Leader` (tp_replay.py): --tokens new tokens after
                  a 16-token prompt; (tokens - 1) / time from the first token to the last, and 1 / the
                  median time between two tokens. The greedy tokens of every launch must be the same
-                 (printed loudly otherwise, exit status 1).
-  collectives    (TP=2) the median time of each collective a decode step makes, each timed alone over
-                 200 calls: all-reduce of [1, 1, dim] fp32 (2 per layer), all-gather of the logits'
-                 slices [1, 1, vocab / 2], and rank 0's two broadcasts (the 8-int64 header, the step's
+                 (printed loudly otherwise, exit status 1). Warm-up: the first 4 tokens (with compile,
+                 the compilation of the batch-1 greedy step).
+  collectives    (TP=2, eager launches) the median time of each collective a decode step makes,
+                 each timed alone over 200 calls: all-reduce of [1, 1, dim] fp32 (2 per layer), all-gather of the logits'
+                 slices [1, 1, vocab / 2], and rank 0's two broadcasts (the 9-int64 header, the step's
                  token and position); their sum per step, and its share of the step.
   output head    (TP=2) the vocabulary split with a gather, against a replicated head: one rank's
                  mat-vec over vocab / 2 rows plus the gather, and a mat-vec over all rows (median of 50).
@@ -42,7 +46,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = [("TP=1, 2 threads", 1, None), ("TP=1, 1 thread", 1, 1), ("TP=2, 1 thread each", 2, 1)]
+# (name, ranks, threads, how the decode step runs: eager, compiled, or compiled with a graph break
+# at each collective instead of the functional collectives inside the graph (tp.py))
+CONFIGS = [("TP=1, 2 threads", 1, None, "eager"), ("TP=1, 1 thread", 1, 1, "eager"), ("TP=2, 1 thread each", 2, 1, "eager"),
+           ("TP=1, 2 threads, compiled", 1, None, "compiled"), ("TP=1, 1 thread, compiled", 1, 1, "compiled"),
+           ("TP=2, 1 thread each, compiled", 2, 1, "compiled"),
+           ("TP=2, compiled, graph breaks at collectives", 2, 1, "graph-breaks")]
 PROMPT_LEN = 16
 
 
@@ -62,11 +71,12 @@ def collectives(args, shard) -> dict:
     import torch.distributed as dist
 
     from mistral.ops import cpu_linear as linear
+    from mistral.tp_replay import HEADER
 
     x = torch.randn(1, 1, args.dim)
     part = torch.randn(1, 1, args.vocab_size // shard.world)
     parts = [torch.empty_like(part) for _ in range(shard.world)]
-    header, payload = torch.zeros(8, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    header, payload = torch.zeros(HEADER, dtype=torch.long), torch.zeros(2, dtype=torch.long)
     w_half = torch.randn(args.vocab_size // shard.world, args.dim) * 0.02
     w_full = torch.randn(args.vocab_size, args.dim) * 0.02
     t = {
@@ -82,6 +92,16 @@ def collectives(args, shard) -> dict:
     return t
 
 
+def break_graphs_at_collectives() -> None:
+    """The alternative to functional collectives traced into the graph: each collective left out of
+    it (a graph break), which needs fullgraph=False wherever the decode step is compiled."""
+    from mistral import tp
+
+    compile_ = torch.compile
+    torch.compile = lambda fn, **kwargs: compile_(fn, **{**kwargs, "fullgraph": False})
+    tp.all_reduce, tp.all_gather = torch.compiler.disable(tp.all_reduce), torch.compiler.disable(tp.all_gather)
+
+
 def worker(a) -> None:
     from mistral import tp
     from mistral.bench.timing import decode_rates, stamp_tokens
@@ -90,14 +110,19 @@ def worker(a) -> None:
 
     args = find_checkpoint(a.weights).args()
     figures: dict = {"threads": torch.get_num_threads()}
+    if a.mode == "graph-breaks":
+        break_graphs_at_collectives()
     if tp.launched():
         shard, _ = tp.init(torch.device("cpu"))
-        figures["collectives"] = collectives(args, shard)
+        if a.mode == "eager":
+            figures["collectives"] = collectives(args, shard)
     model = load_model(a.weights, max_seq_len=512, quiet=True)  # rank 0 only gets past this under TP
-    engine = Engine(model, max_batch=1, max_seq_len=512)
+    engine = Engine(model, max_batch=1, max_seq_len=512, compile=a.mode != "eager")
     prompt = torch.randint(3, args.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
 
-    stamp_tokens(engine, prompt, 4)  # first-call allocations
+    start = time.perf_counter()
+    stamp_tokens(engine, prompt, 4)  # first-call allocations, compilation
+    figures["warm_up_s"] = time.perf_counter() - start
     stamps = stamp_tokens(engine, prompt, a.tokens)
     tok_s, median_rate = decode_rates([[t for t, _ in stamps]])
     figures.update(tokens=[token for _, token in stamps], tok_s=tok_s, median_step_s=1 / median_rate)
@@ -113,6 +138,7 @@ def main() -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         worker(a)
@@ -128,28 +154,30 @@ def main() -> int:
         make_random(weights, preset(a.preset), "consolidated", "float32", seed=0, tokenizer=False)
     print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {datetime.date.today()}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    results: dict[str, list[dict]] = {name: [] for name, _, _ in CONFIGS}
+    results: dict[str, list[dict]] = {name: [] for name, _, _, _ in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(a.runs):
-            for name, n, threads in CONFIGS:
-                out = Path(tmp) / f"{run}-{n}-{threads}.json"
+            for name, n, threads, mode in CONFIGS:
+                out = Path(tmp) / f"{run}-{n}-{threads}-{mode}.json"
                 env = {**os.environ, "PYTHONPATH": str(ROOT)}
                 env.pop("OMP_NUM_THREADS", None)
                 if threads is not None:
                     env["OMP_NUM_THREADS"] = str(threads)
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                       __file__, "--worker", "--weights", str(weights), "--out", str(out), "--tokens", str(a.tokens)]
+                       __file__, "--worker", "--weights", str(weights), "--out", str(out), "--tokens", str(a.tokens),
+                       "--mode", mode]
                 subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL)
                 results[name].append(json.loads(out.read_text()))
                 r = results[name][-1]
-                print(f"run {run + 1}  {name:22s} {r['tok_s']:6.1f} tok/s  median step {r['median_step_s'] * 1e3:6.1f} ms",
-                      flush=True)
+                print(f"run {run + 1}  {name:44s} {r['tok_s']:6.1f} tok/s  median step {r['median_step_s'] * 1e3:6.1f} ms  "
+                      f"warm-up {r['warm_up_s']:5.1f} s", flush=True)
 
     reference = results[CONFIGS[0][0]][0]["tokens"]
     same = all(r["tokens"] == reference for rs in results.values() for r in rs)
-    print(f"\n| configuration | decode tok/s (best of {a.runs}) | median step (ms) |\n|---|---|---|")
+    print(f"\n| configuration | decode tok/s (best of {a.runs}) | median step (ms) | warm-up (s) |\n|---|---|---|---|")
     for name, rs in results.items():
-        print(f"| {name} | {max(r['tok_s'] for r in rs):.1f} | {min(r['median_step_s'] for r in rs) * 1e3:.1f} |")
+        print(f"| {name} | {max(r['tok_s'] for r in rs):.1f} | {min(r['median_step_s'] for r in rs) * 1e3:.1f} | "
+              f"{min(r['warm_up_s'] for r in rs):.1f} |")
     c = [r["collectives"] for r in results[CONFIGS[2][0]]]
     best = {k: min(x[k] for x in c) for k in c[0]}
     step = min(r["median_step_s"] for r in results[CONFIGS[2][0]])
@@ -162,7 +190,8 @@ def main() -> int:
           f"{best['head_replicated'] * 1e3:.2f} ms")
     print(f"greedy tokens identical across all launches: {same}")
     if not same:
-        print("!!! TP=2 decoded other tokens than TP=1 !!!")
+        differ = [name for name, rs in results.items() if any(r["tokens"] != reference for r in rs)]
+        print(f"!!! other greedy tokens than {CONFIGS[0][0]}'s from: {', '.join(differ)} !!!")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0 if same else 1
 

@@ -76,10 +76,13 @@ def test_version_and_verbose_on_either_side(capsys):
 
 
 def test_one_temperature_default_and_a_capped_answer():
-    import inspect as py_inspect
+    import dataclasses
+
+    from mistral.protocol import ChatCompletionRequest
 
     a = build_parser().parse_args(["generate", "w", "--prompt", "x"])
-    assert a.temperature == py_inspect.signature(Mistral._params).parameters["temperature"].default == 1.0
+    api_default = {f.name: f.default for f in dataclasses.fields(ChatCompletionRequest)}["temperature"]
+    assert a.temperature == api_default == 1.0
     assert a.max_tokens == 512
     from mistral.cli import sampling_settings
 

@@ -14,6 +14,7 @@ import torch
 
 from mistral import Mistral
 from mistral.args import preset
+from mistral.decode_step import DecodeStep
 from mistral.engine import Engine, GenerationParams
 from mistral.errors import RequestError
 from mistral.loader import load_model
@@ -40,7 +41,7 @@ def compiled_graphs() -> int:
     engines of the same shapes share them): more than none shows compiled code, not eager, ran."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    steps = (Engine._step_and_record, Engine._filtering_step_and_record)
+    steps = (DecodeStep.advance, DecodeStep.advance_filtering)
     return sum(len(_debug_get_cache_entry_list(step.__code__)) for step in steps)
 
 
@@ -57,11 +58,11 @@ def decode_both_ways(model, prompts: list[list[int]], steps: int = 5):
     """Greedy-decode `steps` tokens after each prompt (one row each, ragged lengths) with two engines on
     the same model, eager and compiled (prefill is eager in both); return the logits of each decode
     step, [steps, B, V] twice, and both engines (their caches hold what the steps wrote)."""
-    logits, engines = {}, {}
+    logits, engines, decode_steps = {}, {}, {}
     for name in ("eager", "compiled"):
         engine = engines[name] = Engine(model, max_batch=len(prompts), max_seq_len=SEQ, compile=name == "compiled")
         seen = logits[name] = []
-        step = engine.decode_step
+        step = decode_steps[name] = engine.decode_step
 
         def keep_logits(*args, step=step, seen=seen):  # the real step, its logits kept on the side
             out = step(*args)
@@ -73,7 +74,7 @@ def decode_both_ways(model, prompts: list[list[int]], steps: int = 5):
             engine.add(prompt, GenerationParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True), lambda event: None)
         engine.run_until_idle()
         assert len(seen) == steps
-    assert engines["compiled"].compiled_step is not None and compiled_graphs() > 0  # compiled throughout
+    assert decode_steps["compiled"].compiled is not None and compiled_graphs() > 0  # compiled throughout
     return torch.stack(logits["eager"]), torch.stack(logits["compiled"]), engines["eager"], engines["compiled"]
 
 
@@ -87,8 +88,8 @@ def test_compiled_decode_equals_eager_fp32(weights, rows):
     for name in ("k", "v"):  # the compiled steps wrote the same keys and values at the same positions
         for expected, actual in zip(getattr(eager_engine.cache, name), getattr(compiled_engine.cache, name)):
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    for name in ("tokens", "n_generated"):  # and moved each row's state on alike
-        assert torch.equal(getattr(compiled_engine, name), getattr(eager_engine, name)), name
+    for name in ("tokens", "generated"):  # and moved each row's state on alike
+        assert torch.equal(getattr(compiled_engine.rows, name), getattr(eager_engine.rows, name)), name
 
 
 def test_compiled_bf16_decode_is_as_close_to_fp32_as_eager_bf16(weights):
@@ -110,7 +111,7 @@ def test_compiled_chat_completion_equals_eager(weights):
     compiled = llm.create_chat_completion(MESSAGES, max_tokens=12, temperature=0)
     assert compiled["choices"][0]["message"] == eager["choices"][0]["message"]
     assert compiled["usage"] == eager["usage"]
-    assert llm.engine.compiled_step is not None and llm.engine.steps == 11  # compiled decode steps ran
+    assert llm.engine.decode_step.compiled is not None and llm.engine.steps == 11  # compiled decode steps ran
     assert compiled_graphs() > 0
 
 
@@ -127,7 +128,7 @@ def test_compiled_sampling_draws_what_eager_draws(weights, n, filtering):
     compiled = llm.create_completion("Rivers:", **params)
     assert [c["text"] for c in compiled["choices"]] == [c["text"] for c in eager["choices"]]
     assert len({c["text"] for c in compiled["choices"]}) == n  # n draws, not one n times
-    assert llm.engine.compiled_step is not None and llm.engine.steps == 9 and compiled_graphs() > 0
+    assert llm.engine.decode_step.compiled is not None and llm.engine.steps == 9 and compiled_graphs() > 0
 
 
 def test_compile_refuses_what_it_cannot_do(weights):
@@ -148,18 +149,19 @@ def test_a_failing_compiled_step_falls_back_to_eager(weights, caplog, when):
     reference = Mistral.from_pretrained(weights, **kwargs)
     eager = reference.create_chat_completion(MESSAGES, **params)
     llm = Mistral.from_pretrained(weights, compile=True, **kwargs)
+    step = llm.engine.decode_step
 
     def failing(*args):  # what a machine without a C++ compiler raises on the first decode step
         if when == "after":
-            llm.engine._step_and_record(*args)  # tokens, positions, counts moved on, then:
+            step.advance(*args)  # tokens, positions, counts moved on, then:
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
-    llm.engine.compiled_step = failing
+    step.compiled = failing
     completion = llm.create_chat_completion(MESSAGES, **params)
     assert completion["choices"][0]["message"] == eager["choices"][0]["message"]
-    for name in ("tokens", "n_generated", "counts"):  # each generated token recorded once, penalties' counts too
-        assert torch.equal(getattr(llm.engine, name), getattr(reference.engine, name)), name
-    assert llm.engine.compiled_step is None
+    for name in ("tokens", "generated", "counts"):  # each generated token recorded once, penalties' counts too
+        assert torch.equal(getattr(llm.engine.rows, name), getattr(reference.engine.rows, name)), name
+    assert step.compiled is None
     assert "decoding eagerly from now on" in caplog.text and "InvalidCxxCompiler" in caplog.text
 
 
@@ -180,9 +182,9 @@ def test_warm_up_decodes_at_each_batch_size_that_compiles_apart(weights):
                                   compile=True)
     assert llm.engine.warm_up_batches() == [1, 2, 3]
     llm.warm_up()  # greedy and sampled, at each of the three batch sizes
-    assert llm.engine.steps == 6 and not llm.engine.has_work() and llm.engine.compiled_step is not None
+    assert llm.engine.steps == 6 and not llm.engine.has_work() and llm.engine.decode_step.compiled is not None
     llm.warm_up({"temperature": 0.7, "top_p": 0.9})
-    assert llm.engine.steps == 9 and llm.engine.compiled_step is not None
+    assert llm.engine.steps == 9 and llm.engine.decode_step.compiled is not None
     prepared = compiled_graphs()
     for n, temperature in ((1, 0.0), (2, 1.0), (3, 0.7)):  # warmed-up settings compile nothing more
         llm.create_completion("Rivers:", max_tokens=3, n=n, temperature=temperature, top_p=0.9 if temperature == 0.7 else 1.0)

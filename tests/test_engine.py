@@ -131,7 +131,7 @@ def test_a_model_that_cannot_be_captured_decodes_without_cuda_graphs(model):
     with pytest.raises(ValueError, match="cannot be captured in a CUDA graph"):
         Engine(HostDriven(), max_batch=2, cuda_graphs=True)
     engine = Engine(HostDriven(), max_batch=2, fixed_batch_shape=True)
-    assert engine.graphs is None
+    assert engine.decode_step.graphs is None
     rec = Recorder(engine)
     rec.add(prompts(1)[0])
     engine.run_until_idle()

@@ -121,8 +121,8 @@ def test_silu_mul_on_the_halves_of_one_matmul_output(dtype):
 
 def test_cuda_graphs_option_on_the_cpu(folders):
     model = load_model(folders[0], device="cpu", kernels="torch", max_seq_len=64, quiet=True)
-    assert Engine(model, max_batch=2).graphs is None  # auto: off without CUDA
-    assert Engine(model, max_batch=2, cuda_graphs=False).graphs is None
+    assert Engine(model, max_batch=2).decode_step.graphs is None  # auto: off without CUDA
+    assert Engine(model, max_batch=2, cuda_graphs=False).decode_step.graphs is None
     with pytest.raises(ValueError, match="CUDA device"):
         Engine(model, max_batch=2, cuda_graphs=True)
 
@@ -143,12 +143,12 @@ def run_engine(engine: Engine, requests: list[tuple[list[int], GenerationParams]
 def test_gpu_graph_engine_greedy_equals_transformers(folders, oracle):
     model = load_model(folders[0], device="cuda", kernels="triton", max_seq_len=128, quiet=True)
     engine = Engine(model, max_batch=4, max_seq_len=128)
-    assert engine.graphs is not None  # auto: on for CUDA + Triton
+    assert engine.decode_step.graphs is not None  # auto: on for CUDA + Triton
     prompt = [1, 17, 300, 42, 99, 7]
     (tokens,) = run_engine(engine, [(prompt, GenerationParams(max_tokens=24, temperature=0.0, ignore_eos=True))])
     expected = oracle.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, len(prompt):]
     assert [e.token for e in tokens] == expected.tolist()
-    assert engine.graphs.disabled is None and engine.graphs.replays == 23  # every decode step replayed a graph
+    assert engine.decode_step.graphs.disabled is None and engine.decode_step.graphs.replays == 23  # every decode step replayed a graph
 
 
 SAMPLING = [
@@ -175,7 +175,7 @@ def test_gpu_graph_engine_equals_eager_engine(folders, fixed_batch_shape):
         engine = Engine(model, max_batch=8, max_seq_len=128, fixed_batch_shape=fixed_batch_shape, cuda_graphs=graphs)
         runs[graphs] = run_engine(engine, requests)
         if graphs:
-            assert engine.graphs.disabled is None and engine.graphs.replays > 0
+            assert engine.decode_step.graphs.disabled is None and engine.decode_step.graphs.replays > 0
     for with_graphs, eager in zip(runs[True], runs[False]):
         assert [e.token for e in with_graphs] == [e.token for e in eager]
         for a, b in zip(with_graphs, eager):

@@ -404,9 +404,18 @@ def test_bad_parameters_name_the_parameter(llm, params, param):
     assert info.value.param == param
 
 
-def test_unknown_parameter_is_a_type_error(llm):
-    with pytest.raises(TypeError):
-        llm.create_chat_completion(MESSAGES, temprature=0.5)
+def test_unknown_parameter_is_a_request_error_naming_it(llm):
+    """The Python API takes only the protocol's fields: a misspelt one is named, not ignored (the
+    HTTP layer ignores unknown fields with a warning instead, as OpenAI's clients expect)."""
+    for call, param, names in ((lambda **kw: llm.create_chat_completion(MESSAGES, **kw), "temprature", "temprature"),
+                               (lambda **kw: llm.create_completion("Hi", **kw), "temprature", "temprature"),
+                               (lambda **kw: llm.create_completion("Hi", stream=True, stream_options={"usage": True}),
+                                "stream_options.usage", "stream_options.usage")):
+        with pytest.raises(RequestError) as info:
+            call(temprature=0.5, max_tokens=2)
+        assert info.value.param == param and names in info.value.message, info.value.message
+    with pytest.raises(RequestError, match="unknown parameters: tempr, topp"):
+        llm.create_chat_completion(MESSAGES, topp=0.5, tempr=1)
 
 
 def test_prompt_longer_than_the_context(llm):

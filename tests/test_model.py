@@ -148,3 +148,26 @@ def test_model_args_reject_nonsense():
         dataclasses.replace(CONFIGS["kv-ratio-2"], n_kv_heads=3)
     with pytest.raises(ValueError, match="head_dim must be even"):
         dataclasses.replace(CONFIGS["kv-ratio-2"], head_dim=15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_attention_gives_a_row_the_same_bits_at_any_longer_length(dtype):
+    """The engine's fixed batch shape reads only as many positions as its longest row needs on the
+    CPU, rounded up to a multiple of 16 (engine.py: `_attention_length`). That keeps a row's greedy
+    output independent of its company only if its attention output does not change, bit for bit,
+    when more masked positions are read. (It does change at lengths that are not multiples of 16 on
+    an AVX-512 CPU: 104 against 112, say; vector loops have a tail there.)"""
+    from mistral.ops import get_ops
+
+    attention = get_ops("torch").attention
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D, L = 4, 8, 2, 32, 2208
+    keys = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    values = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    xq = torch.randn(B, 1, H, D, generator=g).to(dtype)
+    input_pos = torch.tensor([3, 700, 1030, 1499])
+    for window in (None, 600):
+        short = attention(xq, keys[:, :, :1504], values[:, :, :1504], input_pos, window)
+        for length in (1520, 1536, 2048, L):
+            longer = attention(xq, keys[:, :, :length], values[:, :, :length], input_pos, window)
+            assert torch.equal(longer, short), f"length {length}, window {window}"

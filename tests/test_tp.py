@@ -3,6 +3,7 @@ what the single-process one does, each rank holding about half the weights."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,10 +26,11 @@ ARGS = ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, hidd
                  norm_eps=1e-5, vocab_size=1024, rope_theta=1e6)
 
 
-def torchrun(*args: str, n: int = 2, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(*args: str, n: int = 2, timeout: float = 240, check: bool = True,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone` (a free port of its own) from the repository root."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # this checkout's mistral, for the script
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}  # this checkout's mistral, for the script
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and run.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited with {run.returncode}:\n{run.stderr[-4000:]}")
@@ -76,10 +78,36 @@ def test_mistral_logits_under_torchrun_equals_one_process(checkpoints, tmp_path)
     assert (a - b).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"], ids=["int8-on-load", "int4-checkpoint"])
+def test_quantized_logits_under_torchrun_equal_one_process(checkpoints, tmp_path, quantize):
+    """int8: each rank quantizes the slices it reads, wo's and w2's column slices with their whole
+    rows' scales (a max over the ranks); int4: read from a `mistral quantize` checkpoint, wo's and
+    w2's column slices of the packed weights and of the groups' scales (groups of 32)."""
+    from mistral.quantize import write_quantized
+
+    folder, flags = checkpoints[0], ["--quantize", "int8"]
+    if quantize == "int4":
+        folder, flags = write_quantized(checkpoints[0], tmp_path / "int4", "int4"), []
+    tokens = ",".join(map(str, TOKENS))
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    subprocess.run([sys.executable, "-m", "mistral.cli", "logits", str(folder), "--tokens", tokens, "--out", str(one),
+                    *flags], cwd=ROOT, check=True, capture_output=True)
+    torchrun("-m", "mistral.cli", "logits", str(folder), "--tokens", tokens, "--out", str(two), *flags)
+    a, b = load_file(one)["logits"], load_file(two)["logits"]
+    unquantized = load_model(checkpoints[0], quiet=True)(torch.tensor([TOKENS]))[0]
+    assert (a - unquantized).abs().max().item() > 1e-3  # quantized indeed
+    assert (a - b).abs().max().item() <= 1e-5
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """The small preset with the real v3 tokenizer, for generation."""
     return make_random(tmp_path_factory.mktemp("tp-small"), preset("small"), "consolidated", "float32", seed=11)
+
+
+def generate(folder: Path, *flags: str) -> list[str]:
+    return ["generate", str(folder), "--prompt", "Name three colours.", "--max-tokens", "24", "--device", "cpu",
+            "--kernels", "torch", *flags]
 
 
 @pytest.mark.parametrize("sampling", [
@@ -87,11 +115,49 @@ def small(tmp_path_factory):
     ["--temperature", "0.9", "--top-p", "0.95", "--seed", "5", "--repetition-penalty", "1.1"],
 ], ids=["greedy", "sampled"])
 def test_generate_under_torchrun_gives_the_single_process_tokens(small, sampling):
-    command = ["-m", "mistral.cli", "generate", str(small), "--prompt", "Name three colours.", "--max-tokens", "24",
-               "--device", "cpu", "--kernels", "torch", *sampling]
+    command = ["-m", "mistral.cli", *generate(small, *sampling)]
     one = subprocess.run([sys.executable, *command], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     two = torchrun(*command).stdout
     assert len(one.strip()) > 10 and two == one
+
+
+def needs_cpu_compile() -> None:
+    try:
+        import test_compile  # noqa: F401  (it skips itself where torch.compile cannot build CPU code)
+    except pytest.skip.Exception as e:
+        pytest.skip(str(e))
+
+
+def test_compiled_decode_under_torchrun_gives_the_single_process_tokens(small):
+    """Rank 0's engine runs its compiled decode step, rank 1 replays it through its compiled forward,
+    their collectives inside both graphs."""
+    needs_cpu_compile()
+    command = ["-m", "mistral.cli", *generate(small, "--temperature", "0")]
+    one = subprocess.run([sys.executable, *command], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    two = torchrun(*command, "--compile", env={"TORCH_LOGS": "dynamo"})
+    assert len(one.strip()) > 10 and two.stdout == one
+    assert "eagerly from now on" not in two.stderr  # neither rank fell back
+    # dynamo's log: what each rank compiled
+    assert re.search(r"\[rank0\]:.*torchdynamo start tracing advance .*decode_step\.py", two.stderr)
+    assert re.search(r"\[rank1\]:.*torchdynamo start tracing forward .*model\.py", two.stderr)
+
+
+@pytest.mark.parametrize("broken", [0, 1], ids=["leader", "follower"])
+def test_a_rank_that_cannot_compile_decodes_eagerly_in_step_with_the_other(small, broken):
+    """One rank without a C++ compiler: its compiled step fails before running and it decodes
+    eagerly, the other compiled; each call is still made once on each rank (rank 0's eager rerun
+    is the call it announced), so the tokens are TP=1's."""
+    needs_cpu_compile()
+    command = generate(small, "--temperature", "0")
+    one = subprocess.run([sys.executable, "-m", "mistral.cli", *command], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout
+    ranks = launch([[*command, "--compile"]] * 2, env=[{"CXX": "/nonexistent"} if r == broken else {} for r in (0, 1)])
+    (out, err0), (_, err1) = [rank.communicate(timeout=240) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], (err0[-2000:], err1[-2000:])
+    assert out == one
+    warning = "the compiled decode step failed" if broken == 0 else "rank 1: the compiled forward failed"
+    assert warning in (err0, err1)[broken] and "InvalidCxxCompiler" in (err0, err1)[broken]
+    assert "eagerly from now on" not in (err0, err1)[1 - broken]
 
 
 # --- serve under torchrun -------------------------------------------------------------------------
@@ -201,15 +267,17 @@ def test_a_rank_dying_stops_the_server_with_an_error(tp_server):
 # --- clean failures -------------------------------------------------------------------------------
 
 
-def launch(commands: list[list[str]]) -> list[subprocess.Popen]:
-    """One process per rank, with the variables torchrun would set but no torchrun watching over them:
-    what each rank does about the others is its own."""
+def launch(commands: list[list[str]], env: list[dict] | None = None) -> list[subprocess.Popen]:
+    """One process per rank, with the variables torchrun would set (and each rank's `env`) but no
+    torchrun watching over them: what each rank does about the others is its own."""
     from test_server import free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(len(commands))}
+    common = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+              "WORLD_SIZE": str(len(commands))}
+    env = env or [{}] * len(commands)
     return [subprocess.Popen([sys.executable, "-m", "mistral.cli", *command], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+                             stderr=subprocess.PIPE, text=True,
+                             env={**common, **env[r], "RANK": str(r), "LOCAL_RANK": str(r)})
             for r, command in enumerate(commands)]
 
 
@@ -219,6 +287,18 @@ def test_a_rank_count_that_does_not_divide_the_heads_is_refused(small):
     with pytest.raises(TensorParallelError, match=r"over 3 ranks needs n_kv_heads \(2\) to be divisible by 3; "
                                                   r"this model splits over 1, 2 ranks"):
         load_model(small, shard=Shard(0, 3), quiet=True)
+
+
+def test_int4_groups_that_straddle_two_ranks_slices_are_refused(small, tmp_path):
+    from mistral.quantize import write_quantized
+
+    folder = write_quantized(small, tmp_path / "int4-256", "int4-256")  # wo: 256 inputs, 128 a rank
+    ranks = launch([["logits", str(folder), "--tokens", "1,2", "--out", str(tmp_path / "x")]] * 2)
+    for rank in ranks:
+        _, err = rank.communicate(timeout=120)
+        assert rank.returncode != 0
+        assert ("tensor parallelism over 2 ranks splits wo's 256 input features into slices of 128, which int4 "
+                "groups of 256 do not divide: use a group size that divides 128") in err
 
 
 def test_ranks_that_read_different_weights_are_refused(tmp_path):
@@ -248,6 +328,15 @@ def test_a_follower_whose_leader_dies_exits_with_an_error(small):
         for p in (leader, follower):
             if p.poll() is None:
                 p.kill()
+
+
+def test_mistral_bench_under_torchrun_points_to_the_tp_benchmark():
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}  # refused before it waits for any other rank
+    run = subprocess.run([sys.executable, "-m", "mistral.cli", "bench", "--preset", "small", "--device", "cpu", "--quick"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "mistral bench measures one process; under torchrun, tensor parallelism is measured by scripts/bench_tp.py" \
+        in run.stderr
 
 
 def test_a_tensor_of_the_wrong_shape_is_named_with_its_full_shape(tmp_path):

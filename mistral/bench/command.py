@@ -361,7 +361,7 @@ class Bench:
             stamp_tokens(engine, ids, self.warmup + 1)  # a warm-up (it captures the graph)
             stamps = stamp_tokens(engine, ids, self.steps + 1)
             rate = self.steps / (stamps[-1][0] - stamps[0][0])  # from the first token (prefill's) to the last
-            how = "CUDA graphs" if engine.graphs is not None and engine.graphs.replays else "eager"
+            how = "CUDA graphs" if engine.decode_step.graphs is not None and engine.decode_step.graphs.replays else "eager"
             R.add("engine.b1", S, "Engine, batch 1, context 128, streaming", rate, "tok/s",
                   f"{how}; one host sync per token to stream it; {_of_floor(rate, R.value('floor.b1.ctx128'))}")
 
