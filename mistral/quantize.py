@@ -23,6 +23,8 @@ quantizing it would save memory but no time. The checkpoint format is in weights
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,11 @@ from torch import nn
 from .errors import CheckpointError
 from .model import Linear
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "quantization.json"
+# "0" turns the hand-written CPU mat-vec kernels off (kernels/cpu; see use_cpu_kernels)
+CPU_KERNELS_ENV = "MISTRAL_CPU_KERNELS"
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -127,6 +133,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
+        self.cpu_matvec = False  # set by use_cpu_kernels: decode rows go to kernels/cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_triton(x):
@@ -138,6 +145,10 @@ class Int8Linear(nn.Module):
             # A prefill: PyTorch's int8 mat-mul ran a 512-token 0.5B prefill at 4 tok/s (vs 292 in
             # bf16, same run); one transient full-precision matrix and a GEMM do better.
             return F.linear(x, dequantize(self, x.dtype))
+        if self.cpu_matvec and _cpu_kernel_input(x):
+            from kernels.cpu import int8_matvec
+
+            return int8_matvec(x.contiguous(), self.weight, self.scales)
         if x.device.type == "cpu" and (x.dtype != torch.float32 or not torch.compiler.is_compiling()):
             # A few rows: PyTorch's packed int8 mat-mul reads the int8 weights as they are (an
             # eager dequantize would write and read a full-precision copy at every call). With
@@ -165,6 +176,7 @@ class Int4Linear(nn.Module):
         # [K / group, N, (scale, zero)]; `pack_for_cpu` makes both (not checkpoint tensors).
         self.register_buffer("cpu_packed", None, persistent=False)
         self.register_buffer("cpu_scales_and_zeros", None, persistent=False)
+        self.cpu_matvec = False  # set by use_cpu_kernels: decode rows go to kernels/cpu
 
     def pack_for_cpu(self) -> None:
         """Prepare PyTorch's packed CPU layout, for bf16/fp16 activations of the scales' dtype: a
@@ -182,6 +194,10 @@ class Int4Linear(nn.Module):
             out = int4_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales, self.group_size)
             return out.view(*x.shape[:-1], self.out_features)
         few_rows = torch.compiler.is_compiling() or x.numel() <= 16 * self.in_features
+        if few_rows and self.cpu_matvec and _cpu_kernel_input(x):
+            from kernels.cpu import int4_matvec
+
+            return int4_matvec(x.contiguous(), self.weight, self.scales, self.group_size)
         packed = self.cpu_scales_and_zeros
         if few_rows and packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype:
             out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.cpu_packed,
@@ -203,6 +219,38 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def use_cpu_kernels(model: nn.Module) -> bool:
+    """Send the decode rows of every CPU Int8Linear / Int4Linear to the hand-written mat-vec
+    kernels of kernels/cpu (built on first use; the 0.5B int8 and int4 decode steps' fastest path
+    on this project's machines, BENCHMARKS.md). Like llama.cpp's q8_0 / q4_0 dot products they
+    quantize the activations to int8 per block of 32, an error (at most half a step of the block's
+    largest input) that the other paths do not add. False, with one log line, where the kernels
+    cannot be built (no C++ compiler) or are turned off (MISTRAL_CPU_KERNELS=0): the PyTorch paths
+    below stay."""
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))
+              and m.weight.device.type == "cpu" and m.scales.dtype in (torch.float32, torch.bfloat16)
+              and m.in_features % 32 == 0]
+    if not layers:
+        return False
+    if os.environ.get(CPU_KERNELS_ENV, "1") == "0":
+        log.info("%s=0: the quantized layers use PyTorch's CPU paths", CPU_KERNELS_ENV)
+        return False
+    from kernels.cpu import Unavailable, load
+
+    try:
+        load()
+    except Unavailable as e:
+        log.warning("%s; the quantized layers use PyTorch's CPU paths (slower)", e)
+        return False
+    for m in layers:
+        m.cpu_matvec = True
+    return True
+
+
+def _cpu_kernel_input(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
@@ -323,8 +371,10 @@ class QuantizedLoad:
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
 
     def finish(self, model: nn.Module) -> None:
-        """After the tensors are in place: the CPU's packed int4 layout, where it applies."""
-        pack_for_cpu(model)
+        """After the tensors are in place: the CPU kernels, else PyTorch's packed int4 layout
+        (which costs the int4 weights' bytes again) where it applies."""
+        if not use_cpu_kernels(model):
+            pack_for_cpu(model)
 
     def load(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state entries for one tensor of the file: itself, or its (weight, scales) pair."""

@@ -70,10 +70,14 @@ def isa() -> str:
 
 
 def int8_matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if "library" not in _state:
+        load()
     return torch.ops.mistral_cpu.int8_matvec(x, weight, scales)
 
 
 def int4_matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    if "library" not in _state:
+        load()
     return torch.ops.mistral_cpu.int4_matvec(x, weight, scales, group_size)
 
 

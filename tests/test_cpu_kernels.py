@@ -1,0 +1,229 @@
+"""The hand-written CPU int8/int4 mat-vec kernels (kernels/cpu) and their use by the quantized layers.
+
+Two references, both independent of the kernels' code:
+- exact: the activation quantized per block of 32 as the kernels' docstring states (scale
+  max|x| / 127, round half to even), integer dot products per block, summed in float64; the kernels
+  must equal it to fp32 rounding, on every instruction set this CPU can run (AVX-512 VNNI, AVX2 and
+  the portable path, each built alone and called through ctypes) and through the PyTorch op;
+- dequantize-then-F.linear: the kernels stay within the stated bound of the activation's rounding.
+"""
+
+import ctypes
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.cpu as cpu_kernels
+from mistral.args import ModelArgs
+from mistral.loader import load_model
+from mistral.make_random import make_random
+from mistral.quantize import (CPU_KERNELS_ENV, Int4Linear, Int8Linear, Quantization, dequantize, quantize_tensor,
+                              unpack_int4, use_cpu_kernels)
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build kernels/cpu")
+
+METHODS = [Quantization("int8"), Quantization("int4", 32), Quantization("int4", 128)]
+IDS = ["int8", "int4-32", "int4-128"]
+
+
+def layer(q: Quantization, in_features=256, out_features=40, dtype=torch.float32, seed=0):
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    m = q.module(in_features, out_features)
+    m.weight, m.scales = quantize_tensor(w, q, dtype)
+    return m
+
+
+def integer_weights(m) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the integers [N, K] as float64, the scale of each [N, K] as float64)."""
+    if isinstance(m, Int8Linear):
+        return m.weight.double(), m.scales.double()[:, None].expand(m.out_features, m.in_features)
+    return unpack_int4(m.weight).double(), m.scales.double().repeat_interleave(m.group_size, dim=1)
+
+
+def exact_reference(x: torch.Tensor, m) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [M, N] as the kernels define it, in float64; Σ|terms| [M, N], the scale of fp32 rounding)."""
+    xf = x.float().reshape(-1, m.in_features)
+    M, K = xf.shape
+    blocks = xf.view(M, K // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)  # [M, K/32, 1]
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))  # fp32, as the C++
+    xq = torch.round(blocks * inv).double()  # half to even
+    d = (amax / 127).double()  # [M, K/32, 1]
+    q, s = integer_weights(m)
+    qb, sb = q.view(-1, K // 32, 32), s.view(-1, K // 32, 32)[..., 0]  # [N, K/32, 32], [N, K/32]
+    dots = torch.einsum("mbk,nbk->mnb", xq, qb)  # exact integers
+    terms = dots * d[None, :, :, 0].transpose(0, 1) * sb[None]  # [M, N, K/32]
+    return terms.sum(-1), terms.abs().sum(-1)
+
+
+def assert_matches_exact(out: torch.Tensor, x: torch.Tensor, m) -> None:
+    ref, size = exact_reference(x, m)
+    rounding = 2**-8 if out.dtype == torch.bfloat16 else 1e-5  # bf16: the output's rounding
+    out = out.double().reshape(ref.shape)
+    assert ((out - ref).abs() <= rounding * (size + ref.abs()) + 1e-30).all()
+
+
+@pytest.mark.parametrize("q", METHODS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3, 5])  # the kernels take rows four at a time: 5 = 4 + 1
+def test_op_equals_the_exact_int8_activation_reference(q, dtype, rows):
+    m = layer(q, dtype=dtype)
+    x = torch.randn(1, rows, 256).to(dtype)
+    op = cpu_kernels.int8_matvec(x, m.weight, m.scales) if q.method == "int8" else \
+        cpu_kernels.int4_matvec(x, m.weight, m.scales, q.group_size)
+    assert op.shape == (1, rows, 40) and op.dtype == dtype
+    assert_matches_exact(op, x, m)
+
+
+@pytest.mark.parametrize("q", METHODS, ids=IDS)
+def test_op_stays_within_the_activation_rounding_bound_of_dequantize_then_linear(q):
+    """|y - x Wᵀ| <= Σ_k |W[n, k]| · max|x over k's block| / 254 (half a step of each block), plus fp32 rounding."""
+    m = layer(q, in_features=512, out_features=64)
+    x = torch.randn(2, 512) * torch.linspace(0.01, 10, 512)  # blocks of very different sizes
+    W = dequantize(m, torch.float64)
+    ref = F.linear(x.double(), W)
+    block_max = x.abs().view(2, -1, 32).amax(-1).double().repeat_interleave(32, dim=1)  # [2, K]
+    bound = (block_max / 254) @ W.abs().T
+    out = (cpu_kernels.int8_matvec(x, m.weight, m.scales) if q.method == "int8" else
+           cpu_kernels.int4_matvec(x, m.weight, m.scales, q.group_size)).double()
+    assert ((out - ref).abs() <= bound * (1 + 1e-4) + 1e-5 * ref.abs()).all()
+    assert (out - ref).abs().max() > 0  # the activation really is rounded: this is not F.linear
+
+
+def test_a_zero_block_and_extreme_inputs():
+    m = layer(Quantization("int8"), in_features=128, out_features=16)
+    x = torch.randn(1, 128) * 1e30
+    x[0, :32] = 0.0  # amax 0: the block contributes nothing, no division by zero
+    out = cpu_kernels.int8_matvec(x, m.weight, m.scales)
+    assert torch.isfinite(out).all()
+    assert_matches_exact(out, x, m)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: cpu_kernels.int8_matvec(x[:, :100].contiguous(), m.weight, m.scales), "multiple of 32"),
+    (lambda m, x: cpu_kernels.int8_matvec(x.half(), m.weight, m.scales), "float32 or bfloat16"),
+    (lambda m, x: cpu_kernels.int8_matvec(x, m.weight.float(), m.scales), "weight must be int8"),
+    (lambda m, x: cpu_kernels.int8_matvec(x, m.weight, m.scales[:-1]), "scales has shape"),
+    (lambda m, x: cpu_kernels.int8_matvec(x, m.weight[:, :64].contiguous(), m.scales), "weight has shape"),
+    (lambda m, x: cpu_kernels.int8_matvec(x.t().contiguous().t(), m.weight, m.scales), "contiguous"),
+    (lambda m, x: cpu_kernels.int4_matvec(x, m.weight, m.scales, 48), "group_size 48"),
+])
+def test_bad_input_is_a_value_error_naming_it(call, message):
+    m = layer(Quantization("int8"), in_features=128, out_features=16)
+    x = torch.randn(3, 128)
+    with pytest.raises(ValueError, match=message):
+        call(m, x)
+
+
+# --- every instruction set this CPU runs, each built alone --------------------------------------
+
+ISAS = {"avx512-vnni": ("-march=native", "avx512_vnni"), "avx2": ("-march=x86-64-v3", "avx2"),
+        "scalar": ("-march=x86-64", None)}
+
+
+def cpu_has(flag: str | None) -> bool:
+    if flag is None:
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return flag in line.split()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """{instruction set: the kernels compiled for it alone, loaded with ctypes}, for those this CPU runs."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the instruction-set builds are x86-64's")
+    folder, libs = tmp_path_factory.mktemp("isa"), {}
+    for name, (march, flag) in ISAS.items():
+        if not cpu_has(flag):
+            continue
+        out = folder / f"{name}.so"
+        flags = ("-O2", march, "-std=c++20", "-fPIC", "-shared")
+        import subprocess
+
+        cmd = cpu_kernels.compile_command(cpu_kernels.compiler(), [cpu_kernels.HERE / "quant_matvec.cpp"], out,
+                                          flags=flags, torch_headers=False)
+        subprocess.run(cmd, check=True, capture_output=True)
+        lib = ctypes.CDLL(str(out))
+        lib.mfs_isa.restype = ctypes.c_char_p
+        lib.mfs_workspace_bytes.restype = ctypes.c_size_t
+        lib.mfs_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
+        lib.mfs_matvec.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                   ctypes.c_void_p]
+        assert lib.mfs_isa().decode() == name
+        libs[name] = lib
+    return libs
+
+
+def call(lib, m, x: torch.Tensor) -> torch.Tensor:
+    M, K = x.shape
+    N = m.out_features
+    out = torch.empty(M, N, dtype=x.dtype)
+    ws = torch.empty(lib.mfs_workspace_bytes(M, K) + 64, dtype=torch.uint8)
+    aligned = (ws.data_ptr() + 63) // 64 * 64
+    fmt, group = (0, 0) if isinstance(m, Int8Linear) else (1, m.group_size)
+    lib.mfs_matvec(fmt, x.data_ptr(), 0 if x.dtype == torch.float32 else 1, M, K, m.weight.data_ptr(),
+                   m.scales.data_ptr(), group, out.data_ptr(), N, aligned)
+    return out
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
+@pytest.mark.parametrize("q", METHODS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_instruction_set_equals_the_exact_reference(built, isa, q, dtype):
+    if isa not in built:
+        pytest.skip(f"this CPU does not run {isa}")
+    m = layer(q, in_features=384, out_features=37, dtype=dtype, seed=2)  # K: not a multiple of 64; N odd
+    for rows in (1, 2, 4, 6):
+        x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        assert_matches_exact(call(built[isa], m, x), x, m)
+
+
+# --- the quantized layers and the loader ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", METHODS[:2], ids=IDS[:2])
+def test_layers_send_decode_rows_to_the_kernels_eager_and_compiled(q):
+    from torch._inductor.utils import run_and_get_code
+
+    m = layer(q, dtype=torch.bfloat16)
+    assert use_cpu_kernels(m) and m.cpu_matvec
+    x = torch.randn(1, 2, 256).to(torch.bfloat16)
+    op = "mistral_cpu.int8_matvec" if q.method == "int8" else "mistral_cpu.int4_matvec"
+    with torch.profiler.profile() as prof:
+        eager = m(x)
+    assert any(e.name.replace("::", ".") == op for e in prof.events())
+    compiled, code = run_and_get_code(torch.compile(m, fullgraph=True), x)
+    assert op in "".join(code).replace("::", ".")
+    assert torch.equal(eager, compiled)
+    assert_matches_exact(eager, x, m)
+    # a prefill's many rows still take dequantize-then-GEMM: no activation rounding
+    xs = torch.randn(1, 32, 256).to(torch.bfloat16)
+    torch.testing.assert_close(m(xs), F.linear(xs, dequantize(m, torch.bfloat16)))
+
+
+def test_loader_wires_the_kernels_and_the_switch_turns_them_off(tmp_path, monkeypatch):
+    args = ModelArgs(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, norm_eps=1e-5,
+                     vocab_size=512, rope_theta=1e6)
+    folder = make_random(tmp_path / "m", args, "consolidated", "bfloat16", seed=1, tokenizer=False)
+    tokens = torch.arange(1, 25)[None]  # 24 rows: past the decode rows, a prefill
+    for spec, kind in (("int8", Int8Linear), ("int4", Int4Linear)):
+        on = load_model(folder, quantize=spec, max_seq_len=32)
+        layers = [m for m in on.modules() if isinstance(m, kind)]
+        assert layers and all(m.cpu_matvec for m in layers)
+        assert all(getattr(m, "cpu_packed", None) is None for m in layers)  # no second copy of int4 weights
+        monkeypatch.setenv(CPU_KERNELS_ENV, "0")
+        off = load_model(folder, quantize=spec, max_seq_len=32)
+        monkeypatch.delenv(CPU_KERNELS_ENV)
+        assert not any(m.cpu_matvec for m in off.modules() if isinstance(m, kind))
+        # the prefill path is the same GEMM either way: the same logits, bit for bit
+        assert torch.equal(on(tokens), off(tokens))
