@@ -78,6 +78,21 @@ def test_op_equals_the_exact_int8_activation_reference(q, dtype, rows):
 
 
 @pytest.mark.parametrize("q", METHODS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(q, dtype):
+    """Each row's activation is quantized and reduced on its own (rows are taken four at a time):
+    a sequence's result must not depend on its company in a decode batch."""
+    m = layer(q, dtype=dtype)
+    x = torch.randn(7, 256).to(dtype)
+    op = (lambda x: cpu_kernels.int8_matvec(x, m.weight, m.scales)) if q.method == "int8" else \
+        (lambda x: cpu_kernels.int4_matvec(x, m.weight, m.scales, q.group_size))
+    batch = op(x)
+    for i in range(7):
+        assert torch.equal(op(x[i:i + 1]), batch[i:i + 1])
+    assert torch.equal(op(x[3:6]), batch[3:6])
+
+
+@pytest.mark.parametrize("q", METHODS, ids=IDS)
 def test_op_stays_within_the_activation_rounding_bound_of_dequantize_then_linear(q):
     """|y - x Wᵀ| <= Σ_k |W[n, k]| · max|x over k's block| / 254 (half a step of each block), plus fp32 rounding."""
     m = layer(q, in_features=512, out_features=64)

@@ -14,7 +14,7 @@ from mistral.errors import CheckpointError
 from mistral.loader import load_model
 from mistral.make_random import make_random
 from mistral.model import Linear
-from mistral.quantize import (Int4Linear, Int8Linear, Quantization, dequantize, pack_for_cpu, quantize_int4,
+from mistral.quantize import (CPU_KERNELS_ENV, Int4Linear, Int8Linear, Quantization, dequantize, pack_for_cpu, quantize_int4,
                               quantize_tensor, unpack_int4, write_quantized)
 
 ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, norm_eps=1e-5,
@@ -177,18 +177,19 @@ def test_round_trip_quantize_save_load_gives_the_same_logits(fp32_model, tmp_pat
     assert (out / "consolidated.safetensors").stat().st_size < 0.6 * (folder / "consolidated.safetensors").stat().st_size
 
 
-def test_hf_source_and_bf16_scales(tmp_path):
+def test_hf_source_and_bf16_scales(tmp_path, monkeypatch):
     hf = make_random(tmp_path / "hf", ARGS, "hf", "bfloat16", seed=3, tokenizer=False)
     consolidated = make_random(tmp_path / "c", ARGS, "consolidated", "bfloat16", seed=3, tokenizer=False)
     a, b = write_quantized(hf, tmp_path / "a", "int4"), write_quantized(consolidated, tmp_path / "b", "int4")
     ta, tb = load_file(a / "consolidated.safetensors"), load_file(b / "consolidated.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)  # the HF rows unpermuted first
     assert ta["layers.0.feed_forward.w2.scales"].dtype == torch.bfloat16
-    # loaded on the CPU in bf16, every int4 layer has PyTorch's packed layout, and computes as the
-    # checkpoint's nibbles say
+    # loaded on the CPU in bf16 without the hand-written kernels (tests/test_cpu_kernels.py has
+    # them), every int4 layer has PyTorch's packed layout, and computes as the checkpoint's nibbles say
+    monkeypatch.setenv(CPU_KERNELS_ENV, "0")
     model = load_model(a, max_seq_len=16)
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    assert layers and all(m.cpu_packed is not None for m in layers)
+    assert layers and all(m.cpu_packed is not None and not m.cpu_matvec for m in layers)
     x = torch.randn(1, 1, ARGS.dim).to(torch.bfloat16)
     wq = layers[0]
     ref = F.linear(x.double(), dequantize(wq, torch.float64))
