@@ -160,6 +160,22 @@ def test_quantized_model_against_fp32(fp32_model, spec):
     assert rel < max_rel and top1 >= min_top1 and kl < max_kl, (rel, top1, kl)
 
 
+@pytest.mark.parametrize("spec", list(BOUNDS))
+def test_quantized_model_against_fp32_on_the_decode_path(fp32_model, spec):
+    """The same bounds one position at a time, where the linear layers see one row: on the CPU the
+    hand-written kernels, which also round the activations to int8 (tests/test_cpu_kernels.py)."""
+    folder, ref_model = fp32_model
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    model = load_model(folder, quantize=spec)
+    cache = model.new_cache(1, 256)
+    with torch.inference_mode():
+        ref = ref_model(tokens)[0]
+        out = torch.cat([model(tokens[:, i:i + 1], torch.tensor([i]), cache)[0] for i in range(256)])
+    rel, top1, kl = model_error(ref, out)
+    max_rel, min_top1, max_kl = BOUNDS[spec]
+    assert rel < max_rel and top1 >= min_top1 and kl < max_kl, (rel, top1, kl)
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 
 
