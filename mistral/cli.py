@@ -68,9 +68,11 @@ def add_model_flags(p, *, device: str | None = None, dtype: str | None = None, k
     p.add_argument("--dtype", default=dtype, choices=DTYPES,
                    help="the weights' dtype in memory"
                         + ("" if dtype else " (default: bfloat16 on CUDA, the checkpoint's own on the CPU)"))
-    p.add_argument("--kernels", default=kernels, choices=["torch", "triton", "auto"],
+    p.add_argument("--kernels", default=kernels, choices=["torch", "cpu", "triton", "auto"],
                    help="which code computes the model's operations: torch = PyTorch's own operators (no custom "
-                        "kernels); triton = this project's fused Triton kernels (CUDA); auto = triton on CUDA, else torch")
+                        "kernels); cpu = torch with this project's C++ mat-vec kernels for decode (CPU; built on "
+                        "first use); triton = this project's fused Triton kernels (CUDA); auto = triton on CUDA, "
+                        "else cpu (torch where no C++ compiler builds the kernels)")
     add_quantize_flag(p)
 
 

@@ -130,10 +130,10 @@ class DecodeStep:
         Only the PyTorch ops are compiled: on CUDA the Triton kernels and CUDA graphs (the default
         there) do this job.
         """
-        if self.model.ops.name != "torch":
-            raise ValueError(f"compile=True (--compile) compiles the PyTorch ops; this model uses kernels="
-                             f"{self.model.ops.name!r}: load it with kernels='torch' (--kernels torch), or leave "
-                             "compile off on CUDA, where the Triton kernels run with CUDA graphs")
+        if self.model.ops.name not in ("torch", "cpu"):
+            raise ValueError(f"compile=True (--compile) compiles the PyTorch ops (and the CPU kernels' calls); this "
+                             f"model uses kernels={self.model.ops.name!r}: load it with kernels='torch' (--kernels "
+                             "torch), or leave compile off on CUDA, where the Triton kernels run with CUDA graphs")
         # Each batch class (1 row, 2-4, more) x set of sampling features (greedy or not, penalties,
         # filtering, logit_bias, a token mask: 24) is a compilation of its own, 72 at most. Where torch.compile
         # takes a limit for one function (torch 2.13 does), allow them; elsewhere raise dynamo's

@@ -3,9 +3,12 @@
 
     "torch"   PyTorch's own operators (no custom kernels): model.py's reference definitions, with two
               measures for the CPU swapped in below; each computes the same product, only faster
+    "cpu"     "torch", with the decode rows' fp32/bf16 mat-vecs in the hand-written C++ kernels of
+              `kernels.cpu` (built on first use by the system C++ compiler); the loader also gives
+              them a quantized model's int8/int4 layers (quantize.use_cpu_kernels)
     "triton"  the fused kernels of this project's top-level `kernels` package (for CUDA GPUs; on a CPU
               they run under Triton's interpreter, for the tests)
-    "auto"    "triton" on a CUDA device, "torch" elsewhere
+    "auto"    "triton" on a CUDA device; on a CPU "cpu" where its kernels build, else "torch"
 
 The measures depend on shapes, dtypes, the device, the thread count and whether torch.compile is
 tracing, never on values: within a run, a given product always takes the same path.
@@ -14,12 +17,16 @@ tracing, never on values: within a run, a given product always takes the same pa
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from .model import TORCH_OPS, Ops
 from .model import attention as reference_attention
+
+log = logging.getLogger(__name__)
+BACKENDS = ("torch", "cpu", "triton", "auto")
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weightᵀ. On a CPU, a product of a few rows (a decode step) splits the weight's rows into
@@ -58,18 +65,57 @@ def cpu_attention(xq, keys, values, input_pos, sliding_window):
 PYTORCH_OPS = dataclasses.replace(TORCH_OPS, linear=cpu_linear, attention=cpu_attention)
 
 
+def cpu_kernel_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weightᵀ; a product of a few rows in fp32 or bf16 goes to kernels.cpu.matvec, which streams
+    the weight once over all threads (0.5B shapes, 2 cores: bf16 ~1.7x PyTorch's eager and compiled
+    mat-vecs, fp32 level with eager and ~1.15x compiled; BENCHMARKS.md), one opaque op under
+    torch.compile. Each row is computed on its own, so a row's bits do not depend on its batch."""
+    if (x.device.type == "cpu" and x.numel() <= 4 * x.shape[-1] and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()):
+        from kernels.cpu import matvec
+
+        return matvec(x.contiguous(), weight)
+    return cpu_linear(x, weight)
+
+
+CPU_OPS = dataclasses.replace(PYTORCH_OPS, name="cpu", linear=cpu_kernel_linear)
+
+
+def cpu_kernels_error() -> str | None:
+    """None when kernels.cpu builds and loads here, else why not (one line)."""
+    from kernels.cpu import Unavailable, load
+
+    try:
+        load()
+    except Unavailable as e:
+        return str(e)
+    return None
+
+
 def get_ops(kernels: str | Ops, device: torch.device | str | None = None) -> Ops:
     """The table for `kernels` ("auto", "torch" or "triton"; an `Ops` is returned as it is) on `device`."""
     if isinstance(kernels, Ops):
         return kernels
     device = torch.device(device if device is not None else "cpu")
-    if kernels == "auto":
-        kernels = "triton" if device.type == "cuda" else "torch"
+    if kernels == "auto" and device.type == "cuda":
+        kernels = "triton"
+    elif kernels == "auto":
+        error = cpu_kernels_error()
+        if error is not None:
+            log.warning("%s; the CPU runs PyTorch's own operators (kernels='torch'), slower", error)
+        kernels = "torch" if error else "cpu"
     if kernels == "torch":
         return PYTORCH_OPS
+    if kernels == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"kernels='cpu' is for the CPU, not {device}")
+        error = cpu_kernels_error()
+        if error is not None:
+            raise ValueError(f"kernels='cpu': {error}")
+        return CPU_OPS
     if kernels == "triton":
         return triton_ops()
-    raise ValueError(f"kernels must be 'torch', 'triton' or 'auto', got {kernels!r}")
+    raise ValueError(f"kernels must be one of {', '.join(map(repr, BACKENDS))}, got {kernels!r}")
 
 
 _TRITON_OPS: Ops | None = None

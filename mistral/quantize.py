@@ -23,8 +23,6 @@ quantizing it would save memory but no time. The checkpoint format is in weights
 from __future__ import annotations
 
 import json
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +33,7 @@ from torch import nn
 from .errors import CheckpointError
 from .model import Linear
 
-log = logging.getLogger(__name__)
-
 CONFIG_FILE = "quantization.json"
-# "0" turns the hand-written CPU mat-vec kernels off (kernels/cpu; see use_cpu_kernels)
-CPU_KERNELS_ENV = "MISTRAL_CPU_KERNELS"
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -221,32 +215,17 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
-def use_cpu_kernels(model: nn.Module) -> bool:
+def use_cpu_kernels(model: nn.Module) -> nn.Module:
     """Send the decode rows of every CPU Int8Linear / Int4Linear to the hand-written mat-vec
-    kernels of kernels/cpu (built on first use; the 0.5B int8 and int4 decode steps' fastest path
-    on this project's machines, BENCHMARKS.md). Like llama.cpp's q8_0 / q4_0 dot products they
-    quantize the activations to int8 per block of 32, an error (at most half a step of the block's
-    largest input) that the other paths do not add. False, with one log line, where the kernels
-    cannot be built (no C++ compiler) or are turned off (MISTRAL_CPU_KERNELS=0): the PyTorch paths
-    below stay."""
-    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))
-              and m.weight.device.type == "cpu" and m.scales.dtype in (torch.float32, torch.bfloat16)
-              and m.in_features % 32 == 0]
-    if not layers:
-        return False
-    if os.environ.get(CPU_KERNELS_ENV, "1") == "0":
-        log.info("%s=0: the quantized layers use PyTorch's CPU paths", CPU_KERNELS_ENV)
-        return False
-    from kernels.cpu import Unavailable, load
-
-    try:
-        load()
-    except Unavailable as e:
-        log.warning("%s; the quantized layers use PyTorch's CPU paths (slower)", e)
-        return False
-    for m in layers:
-        m.cpu_matvec = True
-    return True
+    kernels of kernels/cpu (the loader does, for kernels="cpu", which "auto" picks on a CPU where
+    they build). Like llama.cpp's q8_0 / q4_0 dot products they quantize the activations to int8
+    per block of 32, an error (at most half a step of the block's largest input) that PyTorch's
+    paths below do not add; BENCHMARKS.md has both errors against fp32, and the speed."""
+    for m in model.modules():
+        if (isinstance(m, (Int8Linear, Int4Linear)) and m.weight.device.type == "cpu"
+                and m.scales.dtype in (torch.float32, torch.bfloat16) and m.in_features % 32 == 0):
+            m.cpu_matvec = True
+    return model
 
 
 def _cpu_kernel_input(x: torch.Tensor) -> bool:
@@ -371,9 +350,11 @@ class QuantizedLoad:
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
 
     def finish(self, model: nn.Module) -> None:
-        """After the tensors are in place: the CPU kernels, else PyTorch's packed int4 layout
-        (which costs the int4 weights' bytes again) where it applies."""
-        if not use_cpu_kernels(model):
+        """After the tensors are in place, on the CPU: with kernels="cpu" its mat-vec kernels, else
+        PyTorch's packed int4 layout (which costs the int4 weights' bytes again) where it applies."""
+        if model.ops.name == "cpu":
+            use_cpu_kernels(model)
+        else:
             pack_for_cpu(model)
 
     def load(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -13,8 +13,9 @@
    tokens) must be the text of ours (exit status 1 otherwise).
 3. Timing, interleaved (ours, llama.cpp, per precision, --rounds times; the load average printed
    each round; the best of the rounds kept): decode of 128 tokens at batch 1, and prefill of 512.
-   Ours: `Engine(compile=True)` decode (the compiled step; compiled in a warm-up), the decode span
-   from the first token to the last; prefill is one eager forward of 512 tokens. llama.cpp:
+   Ours (--kernels, default auto: the CPU kernels, as `mistral` and the Python API load):
+   `Engine(compile=True)` decode (the compiled step; compiled in a warm-up) and the eager
+   `Engine` (what a user gets without --compile), the decode span from the first token to the last; prefill is one eager forward of 512 tokens. llama.cpp:
    `llama-bench -t THREADS -n 128 -p 0` and `-p 512 -n 0`, one repetition per round.
    Precisions: fp32 vs f32, bf16 vs bf16, our int8 (per channel) vs q8_0, our int4 (groups of 32)
    vs q4_0; our int8/int4 compute in --quant-dtype (activations and scales).
@@ -155,7 +156,7 @@ def quality(folder: Path, positions: int = 256) -> None:
         tokens = torch.randint(0, ref_model.args.vocab_size, (1, positions), generator=torch.Generator().manual_seed(0))
         ref = ref_model(tokens)[0]
         for spec in ("int8", "int4", "int4-128"):
-            model = load_model(folder, dtype="float32", quantize=spec, max_seq_len=positions, quiet=True)
+            model = load_model(folder, dtype="float32", quantize=spec, kernels="auto", max_seq_len=positions, quiet=True)
             cache = model.new_cache(1, positions)
             stepwise = torch.cat([model(tokens[:, i:i + 1], torch.tensor([i]), cache)[0] for i in range(positions)])
             for path, out in (("prefill", model(tokens)[0]), ("decode", stepwise)):
@@ -173,6 +174,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     p.add_argument("--quant-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--kernels", default="auto", choices=["auto", "cpu", "torch"],
+                   help="our ops backend (auto: the CPU kernels where they build, as `mistral` and the Python API)")
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--quality", action="store_true", help="only the error of each quantization against fp32")
@@ -191,12 +194,13 @@ def main() -> int:
     prompt = tokenizer.encode(PROMPT, bos=True)
     seq = max(a.prefill, len(prompt) + a.decode) + 8
 
-    models, engines = {}, {}
+    models, engines, eager = {}, {}, {}
     for label in a.precisions:
         dtype, quantize, _ = PRECISIONS[label]
-        models[label] = load_model(ours_folder, dtype=dtype or a.quant_dtype, quantize=quantize,
+        models[label] = load_model(ours_folder, dtype=dtype or a.quant_dtype, quantize=quantize, kernels=a.kernels,
                                    max_seq_len=seq, quiet=True)
         engines[label] = Engine(models[label], max_batch=1, max_seq_len=seq, eos_id=tokenizer.eos_id, compile=True)
+        eager[label] = Engine(models[label], max_batch=1, max_seq_len=seq, eos_id=tokenizer.eos_id, compile=False)
         start = time.perf_counter()
         our_decode(engines[label], prompt, 8)  # compiles
         print(f"ours {label}: compiled the decode step in {time.perf_counter() - start:.0f} s", flush=True)
@@ -212,7 +216,9 @@ def main() -> int:
             print(f"  ours:      {mine!r}\n  llama.cpp: {theirs!r}")
             status = 1
 
-    bandwidth = max(max(matvec_bandwidth(models[label]).values()) for label in ("fp32", "bf16") if label in models)
+    probes = [models[label] for label in ("fp32", "bf16") if label in models] or \
+        [load_model(ours_folder, dtype="bfloat16", max_seq_len=1, quiet=True)]  # only quantized precisions asked
+    bandwidth = max(max(matvec_bandwidth(model).values()) for model in probes)
     best: dict[tuple[str, str, str], float] = {}
     tokens = torch.randint(0, tokenizer.vocab_size, (1, a.prefill), generator=torch.Generator().manual_seed(0))
     for r in range(a.rounds):
@@ -221,6 +227,7 @@ def main() -> int:
             gguf = ggufs[PRECISIONS[label][2]]
             figures = {
                 ("decode", "ours"): lambda: our_decode(engines[label], prompt, a.decode)[0],
+                ("decode", "ours eager"): lambda: our_decode(eager[label], prompt, a.decode)[0],
                 ("decode", "llama.cpp"): lambda: llama_bench(bin_dir, gguf, a.threads, 0, a.decode),
                 ("prefill", "ours"): lambda: our_prefill(models[label], tokens),
                 ("prefill", "llama.cpp"): lambda: llama_bench(bin_dir, gguf, a.threads, a.prefill, 0),
@@ -233,17 +240,19 @@ def main() -> int:
 
     print(f"\nmat-vec bandwidth (fastest fp32/bf16 way here): {bandwidth / 1e9:.1f} GB/s; "
           f"load average at the end {os.getloadavg()}\n")
-    print(f"| precision (ours / llama.cpp) | decode {a.decode}: ours | llama.cpp | ours / llama.cpp "
-          f"| prefill {a.prefill}: ours | llama.cpp | ours / llama.cpp |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| precision (ours / llama.cpp) | decode {a.decode}: ours compiled | ours eager | llama.cpp "
+          f"| compiled / llama.cpp | eager / llama.cpp | prefill {a.prefill}: ours | llama.cpp | ours / llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label in a.precisions:
         gtype = PRECISIONS[label][2]
         floor_ours = bandwidth / weight_bytes_per_token(models[label])
         floor_theirs = bandwidth / gguf_step_bytes(ggufs[gtype], src)
         d_ours, d_theirs = best[(label, "decode", "ours")], best[(label, "decode", "llama.cpp")]
+        d_eager = best[(label, "decode", "ours eager")]
         p_ours, p_theirs = best[(label, "prefill", "ours")], best[(label, "prefill", "llama.cpp")]
         print(f"| {label} / {gtype} | {d_ours:.1f} tok/s ({100 * d_ours / floor_ours:.0f}% of floor) "
-              f"| {d_theirs:.1f} ({100 * d_theirs / floor_theirs:.0f}%) | {d_ours / d_theirs:.2f}x "
+              f"| {d_eager:.1f} | {d_theirs:.1f} ({100 * d_theirs / floor_theirs:.0f}%) | {d_ours / d_theirs:.2f}x "
+              f"| {d_eager / d_theirs:.2f}x "
               f"| {p_ours:.0f} | {p_theirs:.0f} | {p_ours / p_theirs:.2f}x |")
     return status
 

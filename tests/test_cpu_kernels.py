@@ -1,4 +1,5 @@
-"""The hand-written CPU int8/int4 mat-vec kernels (kernels/cpu) and their use by the quantized layers.
+"""The hand-written CPU mat-vec kernels (kernels/cpu): int8/int4 and their use by the quantized
+layers, fp32/bf16 and their use by the "cpu" ops backend.
 
 Two references, both independent of the kernels' code:
 - exact: the activation quantized per block of 32 as the kernels' docstring states (scale
@@ -19,7 +20,7 @@ import kernels.cpu as cpu_kernels
 from mistral.args import ModelArgs
 from mistral.loader import load_model
 from mistral.make_random import make_random
-from mistral.quantize import (CPU_KERNELS_ENV, Int4Linear, Int8Linear, Quantization, dequantize, quantize_tensor,
+from mistral.quantize import (Int4Linear, Int8Linear, Quantization, dequantize, quantize_tensor,
                               unpack_int4, use_cpu_kernels)
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build kernels/cpu")
@@ -211,7 +212,7 @@ def test_layers_send_decode_rows_to_the_kernels_eager_and_compiled(q):
     from torch._inductor.utils import run_and_get_code
 
     m = layer(q, dtype=torch.bfloat16)
-    assert use_cpu_kernels(m) and m.cpu_matvec
+    assert use_cpu_kernels(m).cpu_matvec
     x = torch.randn(1, 2, 256).to(torch.bfloat16)
     op = "mistral_cpu.int8_matvec" if q.method == "int8" else "mistral_cpu.int4_matvec"
     with torch.profiler.profile() as prof:
@@ -226,19 +227,116 @@ def test_layers_send_decode_rows_to_the_kernels_eager_and_compiled(q):
     torch.testing.assert_close(m(xs), F.linear(xs, dequantize(m, torch.bfloat16)))
 
 
-def test_loader_wires_the_kernels_and_the_switch_turns_them_off(tmp_path, monkeypatch):
+def test_loader_wires_the_kernels_and_torch_turns_them_off(tmp_path):
     args = ModelArgs(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, norm_eps=1e-5,
                      vocab_size=512, rope_theta=1e6)
     folder = make_random(tmp_path / "m", args, "consolidated", "bfloat16", seed=1, tokenizer=False)
     tokens = torch.arange(1, 25)[None]  # 24 rows: past the decode rows, a prefill
     for spec, kind in (("int8", Int8Linear), ("int4", Int4Linear)):
-        on = load_model(folder, quantize=spec, max_seq_len=32)
+        on = load_model(folder, quantize=spec, max_seq_len=32, kernels="auto")  # "cpu" here
         layers = [m for m in on.modules() if isinstance(m, kind)]
         assert layers and all(m.cpu_matvec for m in layers)
         assert all(getattr(m, "cpu_packed", None) is None for m in layers)  # no second copy of int4 weights
-        monkeypatch.setenv(CPU_KERNELS_ENV, "0")
-        off = load_model(folder, quantize=spec, max_seq_len=32)
-        monkeypatch.delenv(CPU_KERNELS_ENV)
+        assert on.ops.name == "cpu"
+        off = load_model(folder, quantize=spec, max_seq_len=32, kernels="torch")
         assert not any(m.cpu_matvec for m in off.modules() if isinstance(m, kind))
         # the prefill path is the same GEMM either way: the same logits, bit for bit
         assert torch.equal(on(tokens), off(tokens))
+
+
+# --- fp32 / bf16 weights: kernels.cpu.matvec and the "cpu" backend -------------------------------
+
+
+def assert_float_matches(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """Products and sums in fp32, in some order: within fp32 rounding of Σ|x w|, then the output's rounding."""
+    ref = x.double().reshape(-1, x.shape[-1]) @ w.double().T
+    size = x.double().reshape(-1, x.shape[-1]).abs() @ w.double().abs().T
+    out = out.double().reshape(ref.shape)
+    output_rounding = 2**-8 if x.dtype == torch.bfloat16 else 0.0
+    assert ((out - ref).abs() <= 1e-5 * size + output_rounding * ref.abs() + 1e-30).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize("K", [256, 200])  # 200: a tail past the vector loops
+def test_float_matvec_equals_the_float64_product(dtype, rows, K):
+    w = torch.randn(37, K).to(dtype)
+    x = torch.randn(1, rows, K).to(dtype)
+    out = cpu_kernels.matvec(x, w)
+    assert out.shape == (1, rows, 37) and out.dtype == dtype
+    assert_float_matches(out, x, w)
+    for i in range(rows):  # each row on its own: the same bits alone as in the batch
+        assert torch.equal(cpu_kernels.matvec(x[:, i:i + 1].contiguous(), w), out[:, i:i + 1])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x, w: cpu_kernels.matvec(x.half(), w), "float32 or bfloat16"),
+    (lambda x, w: cpu_kernels.matvec(x, w[:, :64].contiguous()), "weight has shape"),
+    (lambda x, w: cpu_kernels.matvec(x, w.t().contiguous().t()), "contiguous"),
+])
+def test_float_matvec_bad_input_is_a_value_error_naming_it(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(torch.randn(2, 128), torch.randn(16, 128))
+
+
+@pytest.fixture(scope="module")
+def built_float(tmp_path_factory):
+    import platform
+    import subprocess
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the instruction-set builds are x86-64's")
+    folder, libs = tmp_path_factory.mktemp("float-isa"), {}
+    for name, march, flag in (("avx512", "-march=native", "avx512bw"), ("avx2", "-march=x86-64-v3", "avx2"),
+                              ("scalar", "-march=x86-64", None)):
+        if not cpu_has(flag):
+            continue
+        out = folder / f"{name}.so"
+        cmd = cpu_kernels.compile_command(cpu_kernels.compiler(), [cpu_kernels.HERE / "float_matvec.cpp"], out,
+                                          flags=("-O2", march, "-std=c++20", "-fPIC", "-shared"), torch_headers=False)
+        subprocess.run(cmd, check=True, capture_output=True)
+        lib = ctypes.CDLL(str(out))
+        lib.mfs_float_isa.restype = ctypes.c_char_p
+        lib.mfs_float_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        assert lib.mfs_float_isa().decode() == name
+        libs[name] = lib
+    return libs
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_float_matvec_on_every_instruction_set(built_float, isa, dtype):
+    if isa not in built_float:
+        pytest.skip(f"this CPU does not run {isa}")
+    w = torch.randn(29, 216).to(dtype)  # 216: past the 32- and 16-wide loops, a scalar tail
+    for rows in (1, 2, 4, 6):
+        x = torch.randn(rows, 216).to(dtype)
+        out, xf = torch.empty(rows, 29, dtype=dtype), torch.empty(rows, 216)
+        built_float[isa].mfs_float_matvec(x.data_ptr(), 0 if dtype == torch.float32 else 1, rows, 216, w.data_ptr(),
+                                          out.data_ptr(), 29, xf.data_ptr())
+        assert_float_matches(out, x, w)
+
+
+def test_cpu_backend_sends_decode_rows_to_the_kernel_eager_and_compiled():
+    from torch._inductor.utils import run_and_get_code
+
+    from mistral.ops import CPU_OPS, get_ops
+
+    assert get_ops("cpu") is CPU_OPS and get_ops("auto", "cpu") is CPU_OPS
+    x, w = torch.randn(1, 2, 128).to(torch.bfloat16), torch.randn(64, 128).to(torch.bfloat16)
+    with torch.profiler.profile() as prof:
+        eager = CPU_OPS.linear(x, w)
+    assert any(e.name == "mistral_cpu::matvec" for e in prof.events())
+    compiled, code = run_and_get_code(torch.compile(CPU_OPS.linear, fullgraph=True), x, w)
+    assert "mistral_cpu.matvec" in "".join(code).replace("::", ".")
+    assert torch.equal(eager, compiled)
+    many = torch.randn(1, 9, 128).to(torch.bfloat16)  # a prefill: PyTorch's GEMM
+    assert torch.equal(CPU_OPS.linear(many, w), F.linear(many, w))
+
+
+def test_cpu_backend_is_refused_off_the_cpu_in_one_line():
+    from mistral.ops import get_ops
+
+    with pytest.raises(ValueError, match="kernels='cpu' is for the CPU"):
+        get_ops("cpu", "cuda")

@@ -14,7 +14,7 @@ from mistral.errors import CheckpointError
 from mistral.loader import load_model
 from mistral.make_random import make_random
 from mistral.model import Linear
-from mistral.quantize import (CPU_KERNELS_ENV, Int4Linear, Int8Linear, Quantization, dequantize, pack_for_cpu, quantize_int4,
+from mistral.quantize import (Int4Linear, Int8Linear, Quantization, dequantize, pack_for_cpu, quantize_int4,
                               quantize_tensor, unpack_int4, write_quantized)
 
 ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, norm_eps=1e-5,
@@ -166,7 +166,8 @@ def test_quantized_model_against_fp32_on_the_decode_path(fp32_model, spec):
     hand-written kernels, which also round the activations to int8 (tests/test_cpu_kernels.py)."""
     folder, ref_model = fp32_model
     tokens = torch.randint(0, ARGS.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
-    model = load_model(folder, quantize=spec)
+    model = load_model(folder, quantize=spec, kernels="auto")
+    assert all(m.cpu_matvec for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
     cache = model.new_cache(1, 256)
     with torch.inference_mode():
         ref = ref_model(tokens)[0]
@@ -193,7 +194,7 @@ def test_round_trip_quantize_save_load_gives_the_same_logits(fp32_model, tmp_pat
     assert (out / "consolidated.safetensors").stat().st_size < 0.6 * (folder / "consolidated.safetensors").stat().st_size
 
 
-def test_hf_source_and_bf16_scales(tmp_path, monkeypatch):
+def test_hf_source_and_bf16_scales(tmp_path):
     hf = make_random(tmp_path / "hf", ARGS, "hf", "bfloat16", seed=3, tokenizer=False)
     consolidated = make_random(tmp_path / "c", ARGS, "consolidated", "bfloat16", seed=3, tokenizer=False)
     a, b = write_quantized(hf, tmp_path / "a", "int4"), write_quantized(consolidated, tmp_path / "b", "int4")
@@ -202,8 +203,7 @@ def test_hf_source_and_bf16_scales(tmp_path, monkeypatch):
     assert ta["layers.0.feed_forward.w2.scales"].dtype == torch.bfloat16
     # loaded on the CPU in bf16 without the hand-written kernels (tests/test_cpu_kernels.py has
     # them), every int4 layer has PyTorch's packed layout, and computes as the checkpoint's nibbles say
-    monkeypatch.setenv(CPU_KERNELS_ENV, "0")
-    model = load_model(a, max_seq_len=16)
+    model = load_model(a, max_seq_len=16, kernels="torch")
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert layers and all(m.cpu_packed is not None and not m.cpu_matvec for m in layers)
     x = torch.randn(1, 1, ARGS.dim).to(torch.bfloat16)

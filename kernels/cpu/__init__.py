@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("quant_matvec.cpp", "ops.cpp")
-HEADERS = ("quant_matvec.h",)
+SOURCES = ("quant_matvec.cpp", "float_matvec.cpp", "ops.cpp")
+HEADERS = ("quant_matvec.h", "float_matvec.h")
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-fPIC", "-shared", "-fopenmp")
 BLOCK = 32  # inputs per activation scale
 
@@ -79,6 +79,12 @@ def int4_matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, gro
     if "library" not in _state:
         load()
     return torch.ops.mistral_cpu.int4_matvec(x, weight, scales, group_size)
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if "library" not in _state:
+        load()
+    return torch.ops.mistral_cpu.matvec(x, weight)
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -159,4 +165,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("mistral_cpu::int4_matvec")
     def _(x, weight, scales, group_size):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("mistral_cpu::matvec")
+    def _(x, weight):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))

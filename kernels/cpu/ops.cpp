@@ -2,6 +2,7 @@
 //
 //   mistral_cpu::int8_matvec(Tensor x, Tensor weight, Tensor scales) -> Tensor
 //   mistral_cpu::int4_matvec(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor
+//   mistral_cpu::matvec(Tensor x, Tensor weight) -> Tensor          (fp32 / bf16 weights, float_matvec.h)
 //
 // x [..., K] fp32 or bf16; the result [..., N] in x's dtype. The activation is quantized once, then
 // output channels are split across PyTorch's intra-op threads (at::parallel_for).
@@ -10,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "float_matvec.h"
 #include "quant_matvec.h"
 
 namespace {
@@ -79,6 +81,28 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& weight, const at::
   return matvec(mfs::INT4, x, weight, scales, group_size);
 }
 
+at::Tensor float_matvec(const at::Tensor& x, const at::Tensor& weight) {
+  check_cpu_contiguous(x, "x");
+  check_cpu_contiguous(weight, "weight");
+  const mfs::DType xt = dtype_of(x, "x"), wt = dtype_of(weight, "weight");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "x must have a non-empty input dimension");
+  const int64_t K = x.size(-1), M = x.numel() / K, N = weight.size(0);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == K, "weight has shape ", weight.sizes(), ", expected [N, ",
+                    K, "]");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
+  if (M == 0 || N == 0) return out;
+  at::Tensor xf = at::empty({M, K}, x.options().dtype(at::kFloat));
+  mfs::float_prepare(x.data_ptr(), xt, M, K, xf.data_ptr<float>());
+  const int64_t row_bytes = K * weight.element_size();
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / row_bytes);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    mfs::float_rows(xf.data_ptr<float>(), M, K, weight.data_ptr(), wt, out.data_ptr(), xt, N, n0, n1);
+  });
+  return out;
+}
+
 std::string isa() { return mfs::isa(); }
 
 }  // namespace
@@ -86,10 +110,12 @@ std::string isa() { return mfs::isa(); }
 TORCH_LIBRARY(mistral_cpu, m) {
   m.def("int8_matvec(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_matvec(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor");
+  m.def("matvec(Tensor x, Tensor weight) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(mistral_cpu, CPU, m) {
   m.impl("int8_matvec", &int8_matvec);
   m.impl("int4_matvec", &int4_matvec);
+  m.impl("matvec", &float_matvec);
 }

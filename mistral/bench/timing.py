@@ -72,7 +72,8 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> di
     each of three ways to compute it: "F.linear"; "linear", the eager CPU `linear` of mistral/ops.py (in fp32, one
     block of rows per thread); "compiled", that `linear` under torch.compile, as the engine's
     `compile=True` runs it, with the whole pass as one compiled call (so that no per-call cost
-    counts). The floor is set by the fastest of the three: the fastest mat-vec we know here.
+    counts); "kernels.cpu", the hand-written mat-vec of the "cpu" backend, where it builds. The
+    floor is set by the fastest of them: the fastest mat-vec we know here.
 
     When the model is smaller than `min_bytes` (8x this machine's 32 MiB L3), the pass runs over
     enough copies of its matrices to reach it, so that no weight is still in a cache when it is
@@ -81,7 +82,7 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> di
     """
     import torch.nn.functional as F
 
-    from ..ops import cpu_linear
+    from ..ops import cpu_kernel_linear, cpu_kernels_error, cpu_linear
 
     own = [p for name, p in model.named_parameters() if p.dim() == 2 and name != "tok_embeddings.weight"]
     size = sum(W.numel() * W.element_size() for W in own)
@@ -104,6 +105,8 @@ def matvec_bandwidth(model, passes: int = 5, min_bytes: int = 256 * 2**20) -> di
     compiled = torch.compile(all_matrices, fullgraph=True, dynamic=False)  # static shapes for every model
     ways = {"F.linear": one_by_one(F.linear), "linear": one_by_one(cpu_linear),
             "compiled": lambda: compiled(xs, matrices)}
+    if cpu_kernels_error() is None:
+        ways["kernels.cpu"] = one_by_one(cpu_kernel_linear)
     with torch.inference_mode():  # one pass more than `passes`: the first is a warm-up (and the compilation)
         return {name: copies * size / best_time(run, "cpu", passes + 1) for name, run in ways.items()}
 
