@@ -58,6 +58,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .. import tp
 from ..args import ModelArgs, preset
@@ -244,6 +245,15 @@ class Bench:
         of the model (on the fast path's kernels, which no rank switches later), then put it to work:
         rank 0 goes on with the model behind a `Leader`; the other ranks follow its calls until it
         is done, and exit there."""
+        # Ranks given other flags would make other calls (or other shapes) and wait on each other: refuse.
+        mine = {"preset": self.preset, "steps": self.steps, "quick": self.quick, "device": self.device.type}
+        everyone: list = [None] * self.world
+        tp.collective(dist.all_gather_object, everyone, mine, group=self.shard.control)
+        for rank, theirs in enumerate(everyone):
+            if theirs != everyone[0]:
+                differ = ", ".join(f"{k} {theirs[k]} against {everyone[0][k]}" for k in mine if theirs[k] != everyone[0][k])
+                raise tp.TensorParallelError(f"rank {rank} was given other flags than rank 0 ({differ}): every rank "
+                                             "must run the same benchmark")
         self.collectives = step_collectives(self.args, self.shard, self.device, self.dtype, 50 if self.quick else 200)
         part = random_model(self.args, self.device, self.dtype, self.max_len, kernels=self.fast, shard=self.shard)
         self.model = tp.lead_or_follow(part, self.shard)
@@ -396,7 +406,7 @@ class Bench:
         R.add("target.floor", TARGETS, "ours / floor", 100 * ours / floor if floor else None, "%",
               f"{ours:.1f} tok/s" + _target(judge, bool(floor) and ours >= 190 and ours >= 0.9 * floor, ">= 190 tok/s and >= 90%"))
         R.add("target.vs_transformers", TARGETS, "ours / transformers eager", ours / hf if hf else None, "x",
-              ("same weights, same run" if self.shard is None else "no transformers run under tensor parallelism")
+              ("same weights, same run" if self.shard is None else TP_SKIPPED + "no transformers run")
               + _target(judge, bool(hf) and ours >= 4 * hf, ">= 4x"))
 
     # --- prefill and time to first token -----------------------------------------------------------------
