@@ -351,8 +351,6 @@ def test_mistral_bench_under_torchrun_reports_rank_0s_figures(tmp_path):
     assert rows["decode.b1.ctx128.torch"]["unit"] == "tok/s"
     for r in rows.values():  # every figure measured, or a row saying why not
         assert r["value"] is not None or r["note"].startswith(("n/a (needs CUDA)", "skipped under tensor parallelism: ")), r
-    # a step's collectives take part of a step, not more than all of it
-    assert rows["tp.collectives_per_step"]["value"] / 1e3 < 1 / rows["decode.b1.ctx128.torch"]["value"]
 
 
 @pytest.mark.parametrize("ranks, flags, message", [
