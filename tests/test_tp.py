@@ -366,6 +366,25 @@ def test_mistral_bench_under_tp_refuses_bad_input_on_every_rank_in_one_line(rank
         assert (rank.returncode, err.strip()) == (2, message)
 
 
+def test_each_ranks_random_part_is_a_part_of_one_model():
+    """`mistral bench`'s random weights under TP: the replicated tensors alike on every rank, the
+    split ones each rank's own slice (not copies of one another), of the part's shapes."""
+    from mistral.make_random import random_model
+    from mistral.tp import Shard, split_dim
+
+    parts = [random_model(ARGS, "cpu", torch.float32, 16, shard=Shard(rank, 2)).state_dict() for rank in (0, 1)]
+    for name, t in parts[0].items():
+        if split_dim(name, t.dim()) is None:
+            assert torch.equal(t, parts[1][name]), name
+        else:
+            assert not torch.equal(t, parts[1][name]), name
+    part = parts[0]
+    assert part["layers.0.attention.wk.weight"].shape == (ARGS.n_kv_heads // 2 * ARGS.head_dim, ARGS.dim)
+    assert part["layers.0.feed_forward.w2.weight"].shape == (ARGS.dim, ARGS.hidden_dim // 2)
+    assert part["output.weight"].shape == (ARGS.vocab_size // 2, ARGS.dim)
+    assert part["tok_embeddings.weight"].shape == (ARGS.vocab_size, ARGS.dim)
+
+
 def test_mistral_bench_ranks_given_other_flags_are_refused():
     ranks = launch([BENCH, [*BENCH, "--steps", "3"]])
     for rank in ranks:
