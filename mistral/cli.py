@@ -628,7 +628,8 @@ def bind(host: str, port: int):
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="generation speed on random full-size weights: bandwidth floor, ours, transformers")
+    p = sub.add_parser("bench", help="generation speed on random full-size weights: bandwidth floor, ours, transformers "
+                                     "(under torchrun: the model split over the processes)")
     p.add_argument("--preset", default=None, help="7b-v0.3 (the default on CUDA), small (the default on CPU) or 0.5b")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--quick", action="store_true",
@@ -642,13 +643,9 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(a) -> None:
-    from . import tp
     from .bench.command import main as bench_main
 
-    if tp.launched():  # each rank would build and time a whole model of its own
-        raise MistralError("mistral bench measures one process; under torchrun, tensor parallelism is measured by "
-                           "scripts/bench_tp.py (TP=1 against TP=2, eager and compiled)")
-    bench_main(a)
+    bench_main(a)  # under torchrun: rank 0 measures, the other ranks follow (bench/command.py)
 
 
 # --- quantize -------------------------------------------------------------------------------------

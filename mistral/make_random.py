@@ -30,13 +30,23 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, std: 
 
 
 def random_model(args: ModelArgs, device: torch.device | str, dtype: torch.dtype, max_seq_len: int,
-                 seed: int = 0, kernels: str = "torch") -> Transformer:
+                 seed: int = 0, kernels: str = "torch", shard=None) -> Transformer:
     """The model with random weights made directly on `device` (for a benchmark that should not
-    write 14.5 GB first): the weights of `random_tensor`, from a generator on that device."""
+    write 14.5 GB first): the weights of `random_tensor`, from a generator on that device.
+
+    shard: a `tp.Shard`, to make only one rank's part of a tensor-parallel model. The replicated
+    tensors (norms, embedding) come from a generator every rank seeds alike, so that they are the
+    same on every rank; each rank's slices from one of its own: together, the parts of one model."""
+    from . import tp
+
     with torch.device("meta"):
         model = Transformer(args, max_seq_len=max_seq_len)
+    if shard is not None:
+        shard.apply(model)
     gen = torch.Generator(device=device).manual_seed(seed)
-    state = {name: random_tensor(name, tuple(p.shape), gen).to(dtype) for name, p in model.state_dict().items()}
+    own = torch.Generator(device=device).manual_seed(seed + 1 + shard.rank) if shard is not None else gen
+    state = {name: random_tensor(name, tuple(p.shape), gen if tp.split_dim(name, p.dim()) is None else own).to(dtype)
+             for name, p in model.state_dict().items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.init_freqs(device)

@@ -173,7 +173,7 @@ class Shard:
         # Copies, not views of the mapped file: one view left would keep the whole mapping alive, and
         # with it every page a column slice touched (all of its tensor's); copied, each rank's memory
         # holds its slices and nothing more once the file is closed.
-        dim = _split_dim(name, len(shape))
+        dim = split_dim(name, len(shape))
         if dim is None:
             return f.get_tensor(key).clone()
         full = tuple(n * self.world if d == dim else n for d, n in enumerate(shape))
@@ -189,7 +189,7 @@ class Shard:
         (`amax` [N]): for an int8 quantization that computes what one process's does, per whole row
         (quantize.py). Ranks holding whole rows have them already; wo and w2's column slices take
         the maximum over the ranks (every rank loads the same tensors in the same order)."""
-        if _split_dim(name, 2) != 1:
+        if split_dim(name, 2) != 1:
             return amax
         collective(dist.all_reduce, amax, op=dist.ReduceOp.MAX, group=self.group)
         return amax
@@ -207,8 +207,9 @@ class Shard:
                     f"divides {part} (int4-<group size>), or fewer ranks")
 
 
-def _split_dim(name: str, ndim: int) -> int | None:
-    """Along which dimension tensor `name` (of `ndim` dimensions) is split across ranks; None: whole."""
+def split_dim(name: str, ndim: int) -> int | None:
+    """Along which dimension tensor `name` (of `ndim` dimensions) is split across ranks; None: whole
+    (replicated on every rank)."""
     if name.endswith(_ROWS):
         return 0
     if name.endswith(_COLUMNS) and ndim == 2:
@@ -225,9 +226,14 @@ def _divisors(args: ModelArgs) -> str:
 # --- launching under torchrun -----------------------------------------------------------------------
 
 
+def world_size() -> int:
+    """How many ranks the launcher started (1 without one): known before joining the group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Under torchrun (or any launcher that sets the same variables) with more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
 
 
 def follower() -> bool:
@@ -251,12 +257,9 @@ def init(device: torch.device) -> tuple[Shard, torch.device]:
 
 
 def load_model(folder: str | Path, device: torch.device, **kwargs):
-    """loader.load_model under torchrun: every rank loads its shard. On rank 0 this returns the model
-    behind a `Leader` (tp_replay.py), whose calls every rank runs together. On the other ranks it
-    does not return: they replay rank 0's model calls until rank 0 is done, then exit the process."""
+    """loader.load_model under torchrun: every rank loads its shard, then `lead_or_follow`: rank 0
+    gets the model back, the other ranks do not return."""
     from .loader import find_checkpoint, load_model as load_one
-    from .tp_replay import Leader, follow
-
     from .quantize import Quantization, read_quantization
 
     shard, device = init(device)
@@ -264,6 +267,15 @@ def load_model(folder: str | Path, device: torch.device, **kwargs):
     shard.check_quantization(ckpt.args(), read_quantization(ckpt.folder) or Quantization.parse(kwargs.get("quantize")))
     model = load_one(folder, device=device, shard=shard, **kwargs)
     check_same_weights(folder, kwargs.get("prefer"), model, shard)
+    return lead_or_follow(model, shard)
+
+
+def lead_or_follow(model: Transformer, shard: Shard):
+    """This rank's part of a loaded model, put to work: on rank 0 it is returned behind a `Leader`
+    (tp_replay.py), whose calls every rank runs together; on the other ranks this does not return:
+    they replay rank 0's model calls until rank 0 is done, then exit the process."""
+    from .tp_replay import Leader, follow
+
     if shard.rank == 0:
         return Leader(model, shard)
     try:

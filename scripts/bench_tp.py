@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,40 +54,18 @@ CONFIGS = [("TP=1, 2 threads", 1, None, "eager"), ("TP=1, 1 thread", 1, 1, "eage
 PROMPT_LEN = 16
 
 
-def median_time(fn, calls: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def collectives(args, shard) -> dict:
-    """Each collective of a decode step, timed alone on every rank (rank 0's figures are kept)."""
-    import torch.distributed as dist
-
+    """Each collective of a decode step, timed alone on every rank (rank 0's figures are kept), and
+    the output head split (one rank's mat-vec + the gather) against replicated."""
+    from mistral.bench.collectives import median_time, step_collectives
     from mistral.ops import cpu_linear as linear
-    from mistral.tp_replay import HEADER
 
+    t = step_collectives(args, shard)
     x = torch.randn(1, 1, args.dim)
-    part = torch.randn(1, 1, args.vocab_size // shard.world)
-    parts = [torch.empty_like(part) for _ in range(shard.world)]
-    header, payload = torch.zeros(HEADER, dtype=torch.long), torch.zeros(2, dtype=torch.long)
     w_half = torch.randn(args.vocab_size // shard.world, args.dim) * 0.02
     w_full = torch.randn(args.vocab_size, args.dim) * 0.02
-    t = {
-        "all_reduce": median_time(lambda: dist.all_reduce(x), 200),
-        "all_gather": median_time(lambda: dist.all_gather(parts, part), 200),
-        "header": median_time(lambda: dist.broadcast(header, 0, group=shard.control), 200),
-        "payload": median_time(lambda: dist.broadcast(payload, 0), 200),
-    }
-    dist.barrier()
     t["head_split"] = median_time(lambda: linear(x, w_half), 50) + t["all_gather"]
     t["head_replicated"] = median_time(lambda: linear(x, w_full), 50)
-    t["per_step"] = 2 * args.n_layers * t["all_reduce"] + t["all_gather"] + t["header"] + t["payload"]
     return t
 
 

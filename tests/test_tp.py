@@ -330,13 +330,88 @@ def test_a_follower_whose_leader_dies_exits_with_an_error(small):
                 p.kill()
 
 
-def test_mistral_bench_under_torchrun_points_to_the_tp_benchmark():
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}  # refused before it waits for any other rank
-    run = subprocess.run([sys.executable, "-m", "mistral.cli", "bench", "--preset", "small", "--device", "cpu", "--quick"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert run.returncode != 0
-    assert "mistral bench measures one process; under torchrun, tensor parallelism is measured by scripts/bench_tp.py" \
-        in run.stderr
+# --- mistral bench under torchrun ------------------------------------------------------------------
+
+BENCH = ["bench", "--preset", "small", "--device", "cpu", "--quick"]
+
+
+def test_mistral_bench_under_torchrun_reports_rank_0s_figures(tmp_path):
+    """Rank 0 measures and prints the table, the other rank follows its model calls; both exit 0."""
+    out = tmp_path / "bench.json"
+    run = torchrun("-m", "mistral.cli", *BENCH, "--json", str(out))
+    assert run.stdout.count("# mistral bench: small") == 1, run.stdout  # rank 0's table only
+    assert "tensor parallel over 2 ranks" in run.stdout.splitlines()[0]
+    result = json.loads(out.read_text())
+    assert result["meta"]["tensor_parallel"] == 2
+    rows = {r["key"]: r for r in result["rows"]}
+    for key in ("decode.b1.ctx128.torch", "decode.b1.ctx4096.torch", "engine.b1", "decode.b8.torch", "prefill.torch",
+                "ttft", "tp.all_reduce", "tp.collectives_per_step"):
+        assert rows[key]["value"] > 0 and rows[key]["label"] in run.stdout, rows[key]
+    assert rows["tp.ranks"]["value"] == 2
+    assert rows["decode.b1.ctx128.torch"]["unit"] == "tok/s"
+    for r in rows.values():  # every figure measured, or a row saying why not
+        assert r["value"] is not None or r["note"].startswith(("n/a (needs CUDA)", "skipped under tensor parallelism: ")), r
+
+
+@pytest.mark.parametrize("ranks, flags, message", [
+    (2, ["--steps", "0"], "mistral bench: error: --steps must be positive, got 0"),
+    (3, [], "mistral bench: error: tensor parallelism over 3 ranks needs n_kv_heads (2) to be divisible by 3; "
+            "this model splits over 1, 2 ranks"),
+], ids=["bad-flag", "ranks-not-dividing-the-heads"])
+def test_mistral_bench_under_tp_refuses_bad_input_on_every_rank_in_one_line(ranks, flags, message):
+    """Every rank refuses before joining the group (so none waits for another): one line, status 2."""
+    processes = launch([[*BENCH, *flags]] * ranks)
+    for rank in processes:
+        _, err = rank.communicate(timeout=60)
+        assert (rank.returncode, err.strip()) == (2, message)
+
+
+def test_each_ranks_random_part_is_a_part_of_one_model():
+    """`mistral bench`'s random weights under TP: the replicated tensors alike on every rank, the
+    split ones each rank's own slice (not copies of one another), of the part's shapes."""
+    from mistral.make_random import random_model
+    from mistral.tp import Shard, split_dim
+
+    parts = [random_model(ARGS, "cpu", torch.float32, 16, shard=Shard(rank, 2)).state_dict() for rank in (0, 1)]
+    for name, t in parts[0].items():
+        if split_dim(name, t.dim()) is None:
+            assert torch.equal(t, parts[1][name]), name
+        else:
+            assert not torch.equal(t, parts[1][name]), name
+    part = parts[0]
+    assert part["layers.0.attention.wk.weight"].shape == (ARGS.n_kv_heads // 2 * ARGS.head_dim, ARGS.dim)
+    assert part["layers.0.feed_forward.w2.weight"].shape == (ARGS.dim, ARGS.hidden_dim // 2)
+    assert part["output.weight"].shape == (ARGS.vocab_size // 2, ARGS.dim)
+    assert part["tok_embeddings.weight"].shape == (ARGS.vocab_size, ARGS.dim)
+
+
+def test_mistral_bench_ranks_given_other_flags_are_refused():
+    ranks = launch([BENCH, [*BENCH, "--steps", "3"]])
+    for rank in ranks:
+        _, err = rank.communicate(timeout=60)
+        assert (rank.returncode, err.strip()) == (2, "mistral bench: error: rank 1 was given other flags than rank 0 "
+                                                     "(steps 3 against 4): every rank must run the same benchmark")
+
+
+def test_mistral_bench_whose_follower_dies_stops_with_an_error(tmp_path):
+    """Rank 1 killed while rank 0 measures: rank 0's next model call fails, and it exits, saying so."""
+    leader, follower = launch([BENCH] * 2)
+    try:
+        for line in leader.stderr:  # rank 0's progress: the model is built and it is decoding
+            if "ours, torch eager, context 128" in line:
+                break
+        else:
+            raise AssertionError(f"rank 0 exited with {leader.wait()} before decoding")
+        follower.kill()
+        leader.wait(timeout=60)
+        rest = leader.stderr.read()
+        assert leader.returncode == 1, rest[-2000:]
+        assert rest.strip().splitlines()[-1].startswith("mistral: rank 0 of 2: lost the other ranks of the tensor-parallel group")
+        assert "# mistral bench" not in leader.stdout.read()
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()
 
 
 def test_a_tensor_of_the_wrong_shape_is_named_with_its_full_shape(tmp_path):

@@ -32,6 +32,15 @@ so both run the same model. Every figure is measured in this run:
 
 A figure that cannot be measured here says so ("n/a (needs CUDA)"); a step that fails is recorded
 as an error in its row and the run goes on.
+
+Under torchrun (`torchrun --nproc-per-node N -m mistral.cli bench ...`) the model is split over the
+N processes (tp.py): every rank makes its own part of the random model, then rank 0 measures and
+prints the table while the others follow its model calls (tp_replay.py), as `generate` and `serve`
+run. The figures that need the whole model in one process (the correctness checks against an fp32
+copy, transformers), or a model call the followers cannot replay (CUDA graphs), or kernels switched
+on rank 0 alone, are rows that say why they were skipped. The floors are a rank's: its 1/N of the
+bytes at the bandwidth measured on rank 0's device. A section of its own gives the collectives' time
+per decode step, each collective timed alone on every rank before the model is built.
 """
 
 from __future__ import annotations
@@ -49,7 +58,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from .. import tp
 from ..args import ModelArgs, preset
 from ..describe import GPU, decode_cost, prefill_cost
 from ..devices import resolve_device
@@ -58,6 +69,7 @@ from ..formats import dtype_name
 from ..make_random import random_model
 from ..merged import merge_projections, unmerged
 from ..ops import get_ops
+from .collectives import step_collectives
 from .steps import CORRECT_PROMPT, CORRECT_STEPS, decode_rate, fast_logits, prefill
 from .timing import best_time, copy_bandwidth, cpu_name, matmul_rate, stamp_tokens
 from .transformers_peer import fp32_references, hf_compiled_rates, hf_eager_rate, transformers_model
@@ -67,6 +79,7 @@ CONTEXTS = (128, 4096)  # batch-1 decode starts after this many positions
 PREFILL_TOKENS = 2048
 BATCHES = (8, 64)  # batched decode, at context 128
 TARGETS = "targets (H100, bf16, batch 1, context 128)"
+TP_SKIPPED = "skipped under tensor parallelism: "
 
 
 @dataclass
@@ -119,7 +132,9 @@ class Report:
             self.add(key, section, label, None, "", f"error: {type(e).__name__}: {str(e)[:300]}")
 
     def table(self) -> str:
-        lines = [f"# mistral bench: {self.meta.get('model')} on {self.meta.get('device_name')}, {self.meta.get('date')}",
+        ranks = self.meta.get("tensor_parallel", 1)
+        split = f", tensor parallel over {ranks} ranks (torchrun)" if ranks > 1 else ""
+        lines = [f"# mistral bench: {self.meta.get('model')} on {self.meta.get('device_name')}{split}, {self.meta.get('date')}",
                  f"# torch {self.meta.get('torch')}, triton {self.meta.get('triton')}, "
                  f"transformers {self.meta.get('transformers')}, {self.meta.get('dtype')}",
                  "", "| figure | value | what it measured; what limits it |", "|---|---|---|"]
@@ -138,7 +153,7 @@ class Report:
 
 
 def _fmt(v: float) -> str:
-    if v == 0 or abs(v) >= 100:
+    if v.is_integer() or abs(v) >= 100:
         return f"{v:,.0f}"
     if abs(v) >= 1:
         return f"{v:.2f}"
@@ -176,6 +191,10 @@ class Bench:
         self.gen = torch.Generator().manual_seed(0)
         self.model = self.hf = None
         self.measured: GPU | None = None
+        self.world, self.shard, self.collectives = tp.world_size(), None, None
+        if self.world > 1:
+            tp.Shard(0, self.world).check(self.args)  # before joining the group: every rank refuses alike
+            self.shard, self.device = tp.init(self.device)
 
     def randint(self, *shape: int) -> torch.Tensor:
         """Random token ids (not zeros: a fair input), made on the CPU for the same ids on every device."""
@@ -191,28 +210,63 @@ class Bench:
 
     def run(self) -> Report:
         R = self.report
-        R.meta = _environment(self.device, self.preset, self.args, self.dtype, self.steps)
+        if self.shard is not None:
+            self.join()  # the other ranks do not return from it
+        R.meta = _environment(self.device, self.preset, self.args, self.dtype, self.steps, self.world)
         R.save()
-        R.log(f"{self.preset} on {R.meta['device_name']}; {self.steps} decode steps per figure")
+        split = f"; tensor parallel over {self.world} ranks" if self.shard is not None else ""
+        R.log(f"{self.preset} on {R.meta['device_name']}; {self.steps} decode steps per figure{split}")
         self.machine()
-        R.log("building the model with random weights")
-        self.model = random_model(self.args, self.device, self.dtype, self.max_len)
-        merge_projections(self.model)  # the separate matmuls stay available over the same storage: see unmerged()
-        with R.guard("hf.build", "correctness", "transformers model"):
-            self.hf = transformers_model(self.model)  # after merging, so that it shares the merged storage
+        if self.shard is None:
+            R.log("building the model with random weights")
+            self.model = random_model(self.args, self.device, self.dtype, self.max_len)
+            merge_projections(self.model)  # the separate matmuls stay available over the same storage: see unmerged()
+            with R.guard("hf.build", "correctness", "transformers model"):
+                self.hf = transformers_model(self.model)  # after merging, so that it shares the merged storage
         self.correctness()
         peak_correctness = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else None
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.decode_batch_1()
+        self.tensor_parallel()
         self.targets()
         self.prefill()
         self.engine()
         self.batched()
         self.memory(peak_correctness)
         self.transformers_compiled()  # last: its compile time is the least predictable step
+        if self.shard is not None:
+            self.model.close()  # the followers exit
         R.log("done")
         return R
+
+    def join(self) -> None:
+        """Under torchrun, on every rank: time the collectives of a decode step, make this rank's part
+        of the model (on the fast path's kernels, which no rank switches later), then put it to work:
+        rank 0 goes on with the model behind a `Leader`; the other ranks follow its calls until it
+        is done, and exit there."""
+        # Ranks given other flags would make other calls (or other shapes) and wait on each other: refuse.
+        mine = {"preset": self.preset, "steps": self.steps, "quick": self.quick, "device": self.device.type}
+        everyone: list = [None] * self.world
+        tp.collective(dist.all_gather_object, everyone, mine, group=self.shard.control)
+        for rank, theirs in enumerate(everyone):
+            if theirs != everyone[0]:
+                differ = ", ".join(f"{k} {theirs[k]} against {everyone[0][k]}" for k in mine if theirs[k] != everyone[0][k])
+                raise tp.TensorParallelError(f"rank {rank} was given other flags than rank 0 ({differ}): every rank "
+                                             "must run the same benchmark")
+        self.collectives = step_collectives(self.args, self.shard, self.device, self.dtype, 50 if self.quick else 200)
+        part = random_model(self.args, self.device, self.dtype, self.max_len, kernels=self.fast, shard=self.shard)
+        self.model = tp.lead_or_follow(part, self.shard)
+
+    def skipped(self, kernels: str, graph: bool) -> str | None:
+        """Why a way of running the model is not measured under tensor parallelism (None: it is)."""
+        if self.shard is None:
+            return None
+        if graph:
+            return TP_SKIPPED + "no CUDA graphs (the followers replay each announced call; docs/tensor-parallel.md)"
+        if kernels != self.fast:
+            return TP_SKIPPED + f"every rank keeps the kernels its part was built with ({self.fast})"
+        return None
 
     # --- the machine: the two ceilings and the floor they imply ----------------------------------------
 
@@ -228,16 +282,25 @@ class Bench:
         bw, flops = (R.value("copy_bandwidth") or math.nan) * 1e9, (R.value("matmul_rate") or math.inf) * 1e12
         self.measured = GPU("measured", bw, flops, "this run")
         weights = decode_cost(self.args, 1).bytes
+        # Under TP each rank reads (and computes) its 1/N of a step, at its own device's rate.
+        per_rank = f", 1/{self.world} of it by each rank," if self.shard is not None else ""
         for ctx in CONTEXTS:
             cost = decode_cost(self.args, ctx + 1)
-            R.add(f"floor.b1.ctx{ctx}", S, f"floor, batch 1, context {ctx}", 1 / cost.floor_s(self.measured), "tok/s",
-                  f"{cost.bytes / 1e9:.3g} GB read per step ({weights / 1e9:.3g} GB of weights + KV) / copy bandwidth")
+            R.add(f"floor.b1.ctx{ctx}", S, f"floor, batch 1, context {ctx}", self.world / cost.floor_s(self.measured),
+                  "tok/s", f"{cost.bytes / 1e9:.3g} GB read per step ({weights / 1e9:.3g} GB of weights + KV){per_rank} "
+                  "/ copy bandwidth")
 
     # --- correctness ---------------------------------------------------------------------------------
 
     def correctness(self) -> None:
         R, S, model, hf = self.report, "correctness", self.model, self.hf
         label = "Triton + CUDA graph" if self.cuda else "PyTorch eager"
+        if self.shard is not None:
+            why = (TP_SKIPPED + "the fp32 reference and transformers hold the whole model in one process (the "
+                   "tensor-parallel logits equal one process's within 1e-5 in fp32: tests/test_tp.py)")
+            R.add("correct.fp32_vs_transformers", S, "ours fp32 vs transformers fp32", None, "", why)
+            R.add("correct.ours_vs_fp32", S, f"ours bf16 ({label}) vs our fp32", None, "", why)
+            return
         tokens = self.randint(1, CORRECT_PROMPT + CORRECT_STEPS)
         want = None  # our fp32 logits: the reference
         with R.guard("correct.fp32_vs_transformers", S, "ours fp32 vs transformers fp32"):
@@ -291,32 +354,60 @@ class Bench:
                 if kernels == "triton" and not self.cuda:
                     R.add(key, S, label, None, "", NA_CUDA)
                     continue
+                if why := self.skipped(kernels, graph):
+                    R.add(key, S, label, None, "", why)
+                    continue
                 with R.guard(key, S, label), torch.inference_mode():
                     self.use_kernels(kernels)
                     with contextlib.nullcontext() if merged else unmerged(model):
                         rate = decode_rate(model, cache, 1, ctx, self.steps, self.warmup, self.runs, graph)
                     R.add(key, S, label, rate, "tok/s", _of_floor(rate, floor))
             key, label = f"decode.b1.ctx{ctx}.transformers", f"transformers eager, context {ctx}"
-            with R.guard(key, S, label), torch.inference_mode():
-                if self.hf is None:
-                    raise RuntimeError("no transformers model (see the correctness section)")
-                rate = hf_eager_rate(self.hf, prompt, self.steps, self.warmup, 1)
-                R.add(key, S, label, rate, "tok/s", f"MistralForCausalLM, sdpa, DynamicCache; {_of_floor(rate, floor)}")
+            if self.shard is not None:
+                R.add(key, S, label, None, "", TP_SKIPPED + "transformers holds the whole model in one process")
+            else:
+                with R.guard(key, S, label), torch.inference_mode():
+                    if self.hf is None:
+                        raise RuntimeError("no transformers model (see the correctness section)")
+                    rate = hf_eager_rate(self.hf, prompt, self.steps, self.warmup, 1)
+                    R.add(key, S, label, rate, "tok/s", f"MistralForCausalLM, sdpa, DynamicCache; {_of_floor(rate, floor)}")
             self.free()
         self.use_kernels(self.fast)
 
+    def ours_b1(self) -> float | None:
+        """Our fastest batch-1 decode at context 128 (tok/s) of those this run makes."""
+        fastest = "triton" if self.shard is not None else "triton_graph_merged"  # TP: no CUDA graphs
+        return self.report.value(f"decode.b1.ctx128.{fastest}" if self.cuda else "decode.b1.ctx128.torch")
+
+    def tensor_parallel(self) -> None:
+        """The collectives' share of a decode step (timed in `join`, before the model was built)."""
+        if self.shard is None:
+            return
+        R, S, t, n = self.report, "tensor parallelism", self.collectives, 2 * self.args.n_layers
+        R.add("tp.ranks", S, "ranks", self.world, "", f"torchrun processes; {self.world} {self.device.type} devices "
+              f"({'NCCL' if self.cuda else 'gloo'}), each holding 1/{self.world} of the weights and the KV cache")
+        R.add("tp.all_reduce", S, "all-reduce [1, 1, dim]", t["all_reduce"] * 1e6, "us",
+              f"one call, median of {50 if self.quick else 200}; {n} per decode step (after wo and w2 of each layer)")
+        ours = self.ours_b1()
+        share = f"; {100 * t['per_step'] * ours:.0f}% of a batch-1 step at context 128" if ours else ""
+        R.add("tp.collectives_per_step", S, "collectives per decode step", t["per_step"] * 1e3, "ms",
+              f"{n} all-reduces {n * t['all_reduce'] * 1e3:.3g} ms + the logits' all-gather "
+              f"{t['all_gather'] * 1e3:.3g} ms + rank 0's 2 announcements {(t['header'] + t['payload']) * 1e3:.3g} ms, "
+              f"each timed alone{share}")
+
     def targets(self) -> None:
-        R, cuda = self.report, self.cuda
-        ours = R.value("decode.b1.ctx128.triton_graph_merged" if cuda else "decode.b1.ctx128.torch")
+        R, judge = self.report, self.cuda and self.shard is None  # the targets are one H100's
+        ours = self.ours_b1()
         floor, hf = R.value("floor.b1.ctx128"), R.value("decode.b1.ctx128.transformers")
         if ours is None:
             for key, label in (("target.floor", "ours / floor"), ("target.vs_transformers", "ours / transformers eager")):
                 R.add(key, TARGETS, label, None, "", "no figure for ours (see above)")
             return
         R.add("target.floor", TARGETS, "ours / floor", 100 * ours / floor if floor else None, "%",
-              f"{ours:.1f} tok/s" + _target(cuda, bool(floor) and ours >= 190 and ours >= 0.9 * floor, ">= 190 tok/s and >= 90%"))
+              f"{ours:.1f} tok/s" + _target(judge, bool(floor) and ours >= 190 and ours >= 0.9 * floor, ">= 190 tok/s and >= 90%"))
         R.add("target.vs_transformers", TARGETS, "ours / transformers eager", ours / hf if hf else None, "x",
-              "same weights, same run" + _target(cuda, bool(hf) and ours >= 4 * hf, ">= 4x"))
+              ("same weights, same run" if self.shard is None else TP_SKIPPED + "no transformers run")
+              + _target(judge, bool(hf) and ours >= 4 * hf, ">= 4x"))
 
     # --- prefill and time to first token -----------------------------------------------------------------
 
@@ -325,8 +416,8 @@ class Bench:
         prompt = self.randint(1, PREFILL_TOKENS)
         cost = prefill_cost(self.args, PREFILL_TOKENS)
         cache = model.new_cache(1, PREFILL_TOKENS)
-        flops = self.measured.flops
-        for kernels in ("triton", "torch") if self.cuda else ("torch",):
+        flops = self.measured.flops * self.world  # under TP: N devices' matmul rates
+        for kernels in ("triton", "torch") if self.cuda and self.shard is None else (self.fast,):
             key, label = f"prefill.{kernels}", f"ours, {'Triton' if kernels == 'triton' else 'torch eager'}"
             with R.guard(key, S, label), torch.inference_mode():
                 self.use_kernels(kernels)
@@ -334,10 +425,12 @@ class Bench:
                 model(prompt, zero, cache, last_only=True)  # warm-up
                 seconds = best_time(lambda: model(prompt, zero, cache, last_only=True), device, self.runs + 1)
                 R.add(key, S, f"{label}: tokens/s", PREFILL_TOKENS / seconds, "tok/s", f"{seconds * 1e3:.1f} ms for the prompt")
-                target = _target(self.cuda, cost.flops / seconds >= 0.6 * flops, "target >= 60%") if kernels == self.fast else ""
+                judge = self.cuda and self.shard is None and kernels == self.fast
+                target = _target(judge, cost.flops / seconds >= 0.6 * flops, "target >= 60%")
                 R.add(key + ".tflops", S, f"{label}: TFLOP/s", cost.flops / seconds / 1e12, "TFLOP/s",
                       f"{cost.flops / 1e12:.3g} TFLOP (matmuls + causal attention); "
-                      f"{100 * cost.flops / seconds / flops:.0f}% of the measured matmul rate{target}")
+                      f"{100 * cost.flops / seconds / flops:.0f}% of the measured matmul rate"
+                      f"{f' x {self.world} ranks' if self.shard is not None else ''}{target}")
         self.use_kernels(self.fast)
         del cache
         with R.guard("ttft", S, "time to first token"), torch.inference_mode():
@@ -372,10 +465,13 @@ class Bench:
         kinds = [("triton_graph_merged", "ours, Triton + CUDA graph + merged", True), ("triton", "ours, Triton", False)] \
             if self.cuda else [("torch", "ours, torch eager", False)]
         for batch in BATCHES:
-            floor = batch / decode_cost(self.args, ctx + 1, batch).floor_s(self.measured)
+            floor = self.world * batch / decode_cost(self.args, ctx + 1, batch).floor_s(self.measured)
             cache = None
             for name, label, graph in kinds:
                 key, label = f"decode.b{batch}.{name}", f"{label}, batch {batch}"
+                if why := self.skipped(self.fast, graph):
+                    R.add(key, S, label, None, "", why)
+                    continue
                 with R.guard(key, S, label), torch.inference_mode():
                     if cache is None:
                         cache = model.new_cache(batch, attention_length(ctx + self.steps + self.warmup + 1, self.max_len))
@@ -390,7 +486,12 @@ class Bench:
 
     def memory(self, peak_correctness: float | None) -> None:
         R, S = self.report, "memory"
-        if self.cuda:
+        if self.shard is not None:
+            S += f", rank 0 of {self.world}"
+        if self.cuda and self.shard is not None:
+            R.add("memory.peak_speed", S, "peak GPU memory, speed runs", torch.cuda.max_memory_allocated(self.device) / 2**30,
+                  "GiB", "rank 0's part of the bf16 weights and of the KV caches (batch 64 the largest)")
+        elif self.cuda:
             R.add("memory.peak_correctness", S, "peak GPU memory, correctness check", peak_correctness, "GiB",
                   "bf16 weights + an fp32 copy (the reference) + transformers' permuted wq/wk copies")
             R.add("memory.peak_speed", S, "peak GPU memory, speed runs", torch.cuda.max_memory_allocated(self.device) / 2**30,
@@ -411,7 +512,9 @@ class Bench:
 
         if not self.cuda or self.no_compile or self.hf is None:
             why = (NA_CUDA + " (reduce-overhead is CUDA graphs)" if not self.cuda
-                   else "skipped (--no-compile)" if self.no_compile else "no transformers model")
+                   else "skipped (--no-compile)" if self.no_compile
+                   else TP_SKIPPED + "transformers holds the whole model in one process" if self.shard is not None
+                   else "no transformers model")
             for ctx in CONTEXTS:
                 R.add(f"decode.b1.ctx{ctx}.transformers_compiled", S, label(ctx), None, "", why)
             return
@@ -443,16 +546,17 @@ def _verdict(ok: bool) -> str:
     return ": PASS" if ok else ": FAIL"
 
 
-def _target(cuda: bool, ok: bool, what: str) -> str:
-    # The targets are an H100's: on a CPU the ratios are for the record, not a verdict.
-    return f"; {what}: {'met' if ok else 'NOT met'}" if cuda else ""
+def _target(judge: bool, ok: bool, what: str) -> str:
+    # The targets are one H100's: on a CPU, or split over several devices, the ratios are for the record.
+    return f"; {what}: {'met' if ok else 'NOT met'}" if judge else ""
 
 
 def _of_floor(rate: float, floor: float | None) -> str:
     return f"{100 * rate / floor:.0f}% of the floor" if floor and math.isfinite(floor) else ""
 
 
-def _environment(device: torch.device, preset_name: str, args: ModelArgs, dtype: torch.dtype, steps: int) -> dict:
+def _environment(device: torch.device, preset_name: str, args: ModelArgs, dtype: torch.dtype, steps: int,
+                 ranks: int = 1) -> dict:
     def version(module: str) -> str:
         try:
             return __import__(module).__version__
@@ -462,13 +566,13 @@ def _environment(device: torch.device, preset_name: str, args: ModelArgs, dtype:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
+        name = f"{cpu_name()} (CPU, {torch.get_num_threads()} threads{' per rank' if ranks > 1 else ''})"
     return {
         "model": f"{preset_name} ({args.n_layers} layers, dim {args.dim}), random weights",
         "preset": preset_name, "device": str(device), "device_name": name, "dtype": dtype_name(dtype),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"),
-        "python": platform.python_version(), "decode_steps": steps,
+        "python": platform.python_version(), "decode_steps": steps, "tensor_parallel": ranks,
     }
 
 
