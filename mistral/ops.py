@@ -18,8 +18,10 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import per_sequence
 from .model import TORCH_OPS, Ops
 from .model import attention as reference_attention
+
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weightᵀ. On a CPU, a product of a few rows (a decode step) splits the weight's rows into
@@ -55,7 +57,8 @@ def cpu_attention(xq, keys, values, input_pos, sliding_window):
     return reference_attention(xq, keys, values, input_pos, sliding_window)
 
 
-PYTORCH_OPS = dataclasses.replace(TORCH_OPS, linear=cpu_linear, attention=cpu_attention)
+# Both tables' attention also takes a packed view's keys (kv_cache.PackedView: the engine's mixed steps).
+PYTORCH_OPS = dataclasses.replace(TORCH_OPS, linear=cpu_linear, attention=per_sequence(cpu_attention))
 
 
 def get_ops(kernels: str | Ops, device: torch.device | str | None = None) -> Ops:
@@ -81,7 +84,7 @@ def triton_ops() -> Ops:
     if _TRITON_OPS is None:
         kernels = _project_kernels()
         _TRITON_OPS = Ops("triton", F.linear, kernels.rms_norm, kernels.add_rms_norm, kernels.apply_rotary_emb,
-                          kernels.attention, kernels.silu_mul)
+                          per_sequence(kernels.attention), kernels.silu_mul)
     return _TRITON_OPS
 
 
