@@ -10,7 +10,8 @@ multiturn  C clients, each a conversation of --turns turns (a ~1,000-token syste
            lets a turn reuse the previous ones.
 stall      4 streaming clients; an 8,000-token prompt arrives while they stream. Their median
            inter-token gap without it, and the p99 (and max) gap while it is read, with
-           --prefill-chunk 512 vs one prefill (--prefill-chunk larger than the prompt), or --chunks.
+           --prefill-chunk 512 vs one prefill (--prefill-chunk larger than the prompt), or --chunks;
+           with --peer, each chunk size on the peer checkout too, right after this one's.
 levels     bench_server.py's 1/8/32 clients, this checkout vs --peer (another checkout, e.g. main).
 
 Each server is started from its checkout's directory, so it imports that checkout's `mistral`.
@@ -171,19 +172,22 @@ def main() -> None:
                                f"{r['later_p50']:.3f} / {r['later_p99']:.3f} | {r['tokens_per_s']:.1f} | {r['cached']} |")
                     print(out[-1], flush=True)
         if "stall" in only:
-            out.append("| prefill | streams' median gap (s) | p99 gap while the 8k prompt is read (s) | max gap (s) | p99 / median | 8k prompt TTFT (s) |")
-            out.append("|---|---|---|---|---|---|")
+            out.append("| checkout | prefill | streams' median gap (s) | p99 gap while the 8k prompt is read (s) | max gap (s) | p99 / median | 8k prompt TTFT (s) |")
+            out.append("|---|---|---|---|---|---|---|")
             for chunk in a.chunks.split(","):
                 label = "one prefill" if int(chunk) >= 8704 else f"chunks of {chunk}"
-                process, url = serve(weights, ("--prefill-chunk", chunk), max_batch=8, max_seq_len=8704)
-                try:
-                    r = asyncio.run(stall(url, a))
-                finally:
-                    process.terminate()
-                    process.wait(timeout=30)
-                out.append(f"| {label} | {r['median_gap']:.4f} | {r['p99_gap_during']:.4f} | {r['max_gap_during']:.4f} | "
-                           f"{r['p99_gap_during'] / r['median_gap']:.1f}x | {r['long_ttft']:.2f} |")
-                print(out[-1], flush=True)
+                for name, cwd in (("this", HERE), ("peer", a.peer)):
+                    if cwd is None:
+                        continue
+                    process, url = serve(weights, ("--prefill-chunk", chunk), cwd, max_batch=8, max_seq_len=8704)
+                    try:
+                        r = asyncio.run(stall(url, a))
+                    finally:
+                        process.terminate()
+                        process.wait(timeout=30)
+                    out.append(f"| {name} ({cwd}) | {label} | {r['median_gap']:.4f} | {r['p99_gap_during']:.4f} | "
+                               f"{r['max_gap_during']:.4f} | {r['p99_gap_during'] / r['median_gap']:.1f}x | {r['long_ttft']:.2f} |")
+                    print(out[-1], flush=True)
         if "levels" in only:
             out.append("| checkout | clients | tokens/s | TTFT p50 (s) | TTFT max (s) |")
             out.append("|---|---|---|---|---|")
