@@ -146,7 +146,7 @@ class Engine:
         prefix_caching: bool = True,
         prefill_chunk: int | None = None,
         block_size: int = BLOCK_SIZE,
-        mixed_prefill: bool = True,
+        mixed_prefill: bool | None = None,
     ):
         self.model = model
         self.max_batch = max_batch
@@ -174,8 +174,13 @@ class Engine:
         self.decode_step = DecodeStep(model, self.cache, self.rows, eos_id, compile=compile, cuda_graphs=cuda_graphs)
         # Mixed steps need attention that takes a PackedView (ops.py's tables) and a model called
         # directly (not tensor parallelism's leader, which announces each call in its own format).
-        self.mixed_prefill = (mixed_prefill and getattr(model.ops.attention, "per_sequence", False)
-                              and getattr(model, "capturable", True))
+        # By default not with a fixed batch shape: a mixed step's matmuls have more rows than a decode
+        # step's, and CPU BLAS (MKL in fp32, oneDNN in bf16) picks its kernel, hence a row's rounding,
+        # by the row count, so a decode row would not keep its bits whatever the company.
+        if mixed_prefill is None:
+            mixed_prefill = not fixed_batch_shape
+        self.mixed_prefill = bool(mixed_prefill and getattr(model.ops.attention, "per_sequence", False)
+                                  and getattr(model, "capturable", True))
 
         self.running: dict[int, Sequence] = {}  # row -> sequence
         self.prefilling: collections.deque[Sequence] = collections.deque()  # holding a row, prompt not yet read
