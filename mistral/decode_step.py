@@ -10,6 +10,7 @@ captured in a CUDA graph or compiled into one function.
     DecodeStep.__call__    the step, whichever way it runs, with the fallbacks to eager
     forward_and_sample     model and sampler only, changing nothing but the cache: what a graph captures
     advance                forward_and_sample, then the rows moved on: what eager runs, torch.compile compiles
+    with_chunks            a mixed step: the rows' step and prompt chunks in one eager forward (PackedView)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 
 import torch
 
-from .kv_cache import PagedKVCache
+from .kv_cache import PackedView, PagedKVCache
 from .model import Transformer
 from .rows import Rows
 from .sampling import BatchFlags, sample
@@ -99,6 +100,30 @@ class DecodeStep:
         logits, next_tokens = self.forward_and_sample(batch, flags, length)
         self.rows.record(0, batch, next_tokens, flags, fed=True)
         return logits, next_tokens
+
+    def with_chunks(self, batch: int, flags: BatchFlags, length: int,
+                    chunks: list[tuple[list[int], int, torch.Tensor, bool]]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """`advance`, with prompt chunks read in the same forward: each `(tokens, start, block_table
+        [1, n], last)` writes its tokens at positions start.. through its table; for a chunk that ends
+        its prompt (`last`), the logits [1, V] of its last token (else None). One forward of batch +
+        sum(len(tokens)) rows, one token each (kv_cache.PackedView): the linear layers read their weights
+        once for all, attention stays per sequence. Eager: the rows' counts vary from step to step."""
+        rows, dev = self.rows, self.rows.tokens.device
+        parts = [(slice(0, batch), self.cache.view(0, batch, length=length), False)]
+        tokens, positions, logit_rows = [rows.tokens[:batch]], [rows.pos[:batch]], list(range(batch))
+        for chunk, start, table, _ in chunks:
+            n = batch + sum(len(t) for t in tokens[1:])
+            parts.append((slice(n, n + len(chunk)), self.cache.with_table(table, start + len(chunk)), True))
+            tokens.append(torch.tensor(chunk, dtype=torch.long, device=dev))
+            positions.append(torch.arange(start, start + len(chunk), device=dev))
+        ends = [p[0].stop - 1 for p in parts[1:]]
+        logit_rows += [end for end, (*_, last) in zip(ends, chunks) if last]
+        logits = self.model(torch.cat(tokens)[:, None], torch.cat(positions), PackedView(parts),
+                            rows=torch.tensor(logit_rows, device=dev))[:, -1]  # [batch + prompts ending, V]
+        next_tokens = sample(logits[:batch], rows.sampling(0, batch, flags), flags, self.eos_id)
+        rows.record(0, batch, next_tokens, flags, fed=True)
+        firsts = iter(logits[batch:].split(1))
+        return logits[:batch], next_tokens, [next(firsts) if last else None for *_, last in chunks]
 
     def advance_filtering(self, batch: int, flags: BatchFlags, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`advance`, as a function of its own, so that torch.compile caches it apart (see _compile)."""

@@ -146,6 +146,7 @@ class Engine:
         prefix_caching: bool = True,
         prefill_chunk: int | None = None,
         block_size: int = BLOCK_SIZE,
+        mixed_prefill: bool | None = None,
     ):
         self.model = model
         self.max_batch = max_batch
@@ -171,6 +172,15 @@ class Engine:
 
         self.rows = Rows(max_batch, self.vocab_size, self.device)
         self.decode_step = DecodeStep(model, self.cache, self.rows, eos_id, compile=compile, cuda_graphs=cuda_graphs)
+        # Mixed steps need attention that takes a PackedView (ops.py's tables) and a model called
+        # directly (not tensor parallelism's leader, which announces each call in its own format).
+        # By default not with a fixed batch shape: a mixed step's matmuls have more rows than a decode
+        # step's, and CPU BLAS (MKL in fp32, oneDNN in bf16) picks its kernel, hence a row's rounding,
+        # by the row count, so a decode row would not keep its bits whatever the company.
+        if mixed_prefill is None:
+            mixed_prefill = not fixed_batch_shape
+        self.mixed_prefill = bool(mixed_prefill and getattr(model.ops.attention, "per_sequence", False)
+                                  and getattr(model, "capturable", True))
 
         self.running: dict[int, Sequence] = {}  # row -> sequence
         self.prefilling: collections.deque[Sequence] = collections.deque()  # holding a row, prompt not yet read
@@ -259,11 +269,14 @@ class Engine:
         for seq, error in admitted:
             if error is not None:
                 self._finish(seq, FinishEvent("error", error))
-        self._prefill_some()
+        chunks = self._chunks()
+        mixed = self.mixed_prefill and bool(self.running) and bool(chunks)
+        if not mixed:
+            self._prefill(chunks)
         if not self.running:
             return
         try:
-            self._decode()
+            self._decode(chunks if mixed else [])
         except Exception as e:  # the rows decode as one batch: no consumer may wait forever
             log.exception("decode step failed")
             for seq in list(self.running.values()):
@@ -306,22 +319,27 @@ class Engine:
             admitted.append((seq, None))
         return admitted
 
-    def _prefill_some(self) -> None:
-        """Read the prompts of the sequences holding a row, oldest first: all of them, or with
-        `prefill_chunk`, chunks of that many tokens while they fit in that many this step (always
-        one), so that the running rows' next decode step waits for about one chunk. A prompt's chunks
-        are cut the same way whatever else runs, and each runs alone, so its numbers never depend
-        on its neighbours; a chunk that fails finishes that sequence alone."""
+    def _chunks(self) -> list[tuple[Sequence, int]]:
+        """What this step reads of the prompts of the sequences holding a row, oldest first, as
+        (sequence, where its chunk stops): all of them, or with `prefill_chunk`, chunks of that many
+        tokens while they fit in that many this step (always one), so that the running rows' next
+        decode step waits for about one chunk. A prompt's chunks are cut the same way whatever
+        else runs."""
         chunk = self.prefill_chunk or self.max_seq_len
-        budget = chunk
-        while self.prefilling:
-            seq = self.prefilling[0]
+        budget, chunks = chunk, []
+        for seq in self.prefilling:
             size = min(chunk, len(seq.prompt) - seq.length)
             if size > budget and budget < chunk:
-                return
+                break
             budget -= size
+            chunks.append((seq, seq.length + size))
+        return chunks
+
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """Each chunk in a forward of its own: a chunk that fails finishes that sequence alone."""
+        for seq, stop in chunks:
             try:
-                self._prefill_chunk(seq, seq.length + size)
+                self._prefill_chunk(seq, stop)
             except Exception as e:  # one prompt's failure is that sequence's alone
                 log.exception("prefill failed")
                 self._finish(seq, FinishEvent("error", f"{type(e).__name__}: {e}"))
@@ -329,17 +347,23 @@ class Engine:
     def _prefill_chunk(self, seq: Sequence, stop: int) -> None:
         """The prompt tokens of `seq` from where it stands to `stop` into its blocks; after the last,
         its first token."""
-        start, n = seq.length, len(seq.prompt)
-        dev = self.device
+        start, dev = seq.length, self.device
         tokens = torch.tensor([seq.prompt[start:stop]], dtype=torch.long, device=dev)
-        # Through the sequence's own table: its row of the engine's table stays on the scratch block
-        # until it decodes, since decode steps write their idle rows there.
-        cache = self.cache.with_table(torch.tensor([seq.blocks], dtype=torch.long, device=dev), length=stop)
+        cache = self.cache.with_table(self._table(seq), length=stop)
         logits = self.model(tokens, torch.tensor([start], dtype=torch.long, device=dev), cache, last_only=True)[:, -1]
+        self._chunk_read(seq, stop, logits)
+
+    def _table(self, seq: Sequence) -> torch.Tensor:
+        """A prefilling sequence's own block table [1, n]: its row of the engine's table stays on the
+        scratch block until it decodes, since decode steps write their idle rows there."""
+        return torch.tensor([seq.blocks], dtype=torch.long, device=self.device)
+
+    def _chunk_read(self, seq: Sequence, stop: int, logits: torch.Tensor | None) -> None:
+        """The prompt of `seq` is in the cache up to `stop`; at its end, its first token from `logits` [1, V]."""
         seq.length = stop
         with self._cv:
             self.pool.register(seq.blocks, seq.prompt[:stop])
-        if stop == n:
+        if stop == len(seq.prompt):
             self._start_decoding(seq, logits)
 
     def _start_decoding(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -360,8 +384,10 @@ class Engine:
         self.rows.record(row, row + 1, next_tokens, flags, fed=False)
         self._hand_out([seq], row, logits, next_tokens)
 
-    def _decode(self) -> None:
-        """One decode step for every running row (rows 0..h-1, or all with a fixed batch shape)."""
+    def _decode(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """One decode step for every running row (rows 0..h-1, or all with a fixed batch shape), with
+        `chunks` of prompts read in the same forward (a mixed step). A mixed forward that fails is
+        run again apart, so that a failure is that of the prompt or of the rows that caused it."""
         self.steps += 1
         rows = sorted(self.running)
         hi = self.max_batch if self.fixed_batch_shape else rows[-1] + 1
@@ -369,10 +395,27 @@ class Engine:
         flags = self._flags(seqs)
         if flags.constrained:
             self._fill_token_masks(seqs, 0, hi)
-        logits, next_tokens = self.decode_step(hi, flags, self._attention_length(seqs))
+        length = self._attention_length(seqs)
+        firsts = []
+        if chunks:
+            try:
+                logits, next_tokens, firsts = self.decode_step.with_chunks(hi, flags, length, [
+                    (seq.prompt[seq.length : stop], seq.length, self._table(seq), stop == len(seq.prompt))
+                    for seq, stop in chunks])
+            except Exception:
+                log.exception("a mixed step failed; running its prompt chunks and its decode step apart")
+                self.steps -= 1
+                self._prefill(chunks)  # which may start rows decoding: the step is planned again
+                if self.running:
+                    self._decode([])
+                return
+        else:
+            logits, next_tokens = self.decode_step(hi, flags, length)
         for seq in seqs:
             seq.length += 1
         self._hand_out(seqs, 0, logits, next_tokens)
+        for (seq, stop), first in zip(chunks, firsts):
+            self._chunk_read(seq, stop, first)
 
     def _attention_length(self, seqs: list[Sequence]) -> int:
         """How many cache positions the decode step reads: the longest row's (+ the new token), rounded up.

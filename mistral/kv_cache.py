@@ -14,6 +14,10 @@ there, and attention masks what it reads there.
 
 `PagedKVCache` has the contiguous `model.KVCache`'s interface (`view`, `update`, `read`): `read`
 gathers a row's blocks into [B, Hkv, L, D], so the model and its attention stay as they are.
+
+`PackedView` is the view of a mixed step (engine.py): the decode rows' tokens and prompt chunks in
+one forward, one token a row, so that the linear layers read their weights once for all of them;
+attention stays per sequence (`Parts`, `per_sequence`).
 """
 
 from __future__ import annotations
@@ -92,6 +96,65 @@ class PagedKVCache:
             return rows.view(B, n * self.block_size, *pool.shape[2:])[:, : self.length].transpose(1, 2)
 
         return gather(self.k[layer]), gather(self.v[layer])
+
+
+class PackedView:
+    """The new tokens of several sequences in one forward, one token a row: tokens [N, 1], input_pos [N].
+
+    `parts` cut the N rows into consecutive groups, each with its own view of the pool:
+    `(rows, cache, chunk)`, where `cache` is a `PagedKVCache` view (a block table, a length) and
+    `chunk` says that its rows are consecutive tokens of one sequence (a prompt chunk, its table
+    [1, n]) rather than one token of each of its rows (decode rows, its table [rows, n]). Each part
+    is written and read exactly as a forward of its own would do it, so attention (through
+    `per_sequence`) gives every part the bits it would get alone; only the layers around attention
+    see the N rows at once.
+    """
+
+    def __init__(self, parts: list[tuple[slice, PagedKVCache, bool]]):
+        self.parts = parts
+
+    def update(self, layer: int, input_pos: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> tuple["Parts", "Parts"]:
+        """Write each part's xk, xv ([N, 1, Hkv, D]) through its own view; its keys and values, as `Parts`."""
+        keys, values = [], []
+        for rows, cache, chunk in self.parts:
+            k, v = cache.update(layer, *_as_forward(rows, chunk, input_pos, xk, xv))
+            keys.append(k)
+            values.append(v)
+        return Parts(self, keys), Parts(self, values)
+
+
+class Parts(list):
+    """Keys (or values) of a `PackedView`, one [b, Hkv, L, D] tensor a part, each at its own length."""
+
+    def __init__(self, view: PackedView, tensors: list[torch.Tensor]):
+        super().__init__(tensors)
+        self.view = view
+
+
+def _as_forward(rows: slice, chunk: bool, input_pos: torch.Tensor, *xs: torch.Tensor):
+    """A part's positions and tensors ([N, 1, ...] rows) shaped as its own forward has them: a chunk's
+    rows as one row of T tokens ([1, T, ...], starting at its first position), decode rows as they are."""
+    if chunk:
+        return (input_pos[rows.start : rows.start + 1], *(x[rows].transpose(0, 1) for x in xs))
+    return (input_pos[rows], *(x[rows] for x in xs))
+
+
+def per_sequence(attention):
+    """`attention` (an `Ops.attention`) that also takes the keys and values of a `PackedView`: each
+    part attends over its own keys, by the same call a forward of its own would make."""
+
+    def attend(xq, keys, values, input_pos, sliding_window):  # xq [N, 1, H, D] for a PackedView
+        if not isinstance(keys, Parts):
+            return attention(xq, keys, values, input_pos, sliding_window)
+        outs = []
+        for (rows, _, chunk), k, v in zip(keys.view.parts, keys, values):
+            pos, q = _as_forward(rows, chunk, input_pos, xq)
+            out = attention(q, k, v, pos, sliding_window)
+            outs.append(out.transpose(0, 1) if chunk else out)
+        return torch.cat(outs)  # [N, 1, H, D]
+
+    attend.per_sequence = True
+    return attend
 
 
 def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:

@@ -336,6 +336,7 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,  # [B] int64: position of tokens[:, 0] in each row
         cache: KVCache | PagedKVCache | None = None,  # rows 0..B-1 of the cache are the batch rows
         last_only: bool = False,  # return only the logits of the last position ([B, 1, V])
+        rows: torch.Tensor | None = None,  # [K] int64: return only the logits of these batch rows ([K, T, V])
     ) -> torch.Tensor:  # [B, T, vocab_size], in the weights' dtype
         B, T = tokens.shape
         if cache is None:  # a plain forward over the whole sequence: a throwaway cache of length T
@@ -352,4 +353,6 @@ class Transformer(nn.Module):
             h = layer(h, input_pos, cos, sin, cache)
         if last_only:
             h = h[:, -1:]
+        if rows is not None:
+            h = h[rows]
         return self.output(self.norm(h))  # [B, T, vocab_size]

@@ -22,6 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import per_sequence
 from .model import TORCH_OPS, Ops
 from .model import attention as reference_attention
 
@@ -62,7 +63,8 @@ def cpu_attention(xq, keys, values, input_pos, sliding_window):
     return reference_attention(xq, keys, values, input_pos, sliding_window)
 
 
-PYTORCH_OPS = dataclasses.replace(TORCH_OPS, linear=cpu_linear, attention=cpu_attention)
+# Both tables' attention also takes a packed view's keys (kv_cache.PackedView: the engine's mixed steps).
+PYTORCH_OPS = dataclasses.replace(TORCH_OPS, linear=cpu_linear, attention=per_sequence(cpu_attention))
 
 
 def cpu_kernel_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -127,7 +129,7 @@ def triton_ops() -> Ops:
     if _TRITON_OPS is None:
         kernels = _project_kernels()
         _TRITON_OPS = Ops("triton", F.linear, kernels.rms_norm, kernels.add_rms_norm, kernels.apply_rotary_emb,
-                          kernels.attention, kernels.silu_mul)
+                          per_sequence(kernels.attention), kernels.silu_mul)
     return _TRITON_OPS
 
 

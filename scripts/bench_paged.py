@@ -10,7 +10,12 @@ multiturn  C clients, each a conversation of --turns turns (a ~1,000-token syste
            lets a turn reuse the previous ones.
 stall      4 streaming clients; an 8,000-token prompt arrives while they stream. Their median
            inter-token gap without it, and the p99 (and max) gap while it is read, with
-           --prefill-chunk 512 vs one prefill (--prefill-chunk larger than the prompt), or --chunks.
+           --prefill-chunk 512 vs one prefill (--prefill-chunk larger than the prompt), or --chunks;
+           with --peer, each chunk size on the peer checkout too, right after this one's.
+mixed      the engine alone, in this process: 4 streams decoding while an 8,000-token prompt is read in
+           --chunks chunks, each with mixed steps (the chunk in the streams' decode forward) and
+           without, the two engines stepped in turn: decode-only step median, and median and p99 step
+           while the prompt is read, in ms.
 levels     bench_server.py's 1/8/32 clients, this checkout vs --peer (another checkout, e.g. main).
 
 Each server is started from its checkout's directory, so it imports that checkout's `mistral`.
@@ -130,11 +135,50 @@ async def stall(url, a) -> dict:
             "max_gap_during": max(gaps_during), "long_ttft": first - sent}
 
 
+def mixed_steps(weights, a, chunk: int) -> dict[bool, tuple[float, float]]:
+    """{mixed: (decode-only step median, median and p99 step while the long prompt is read)} in ms, two
+    engines stepped in turn."""
+    import torch
+
+    from mistral.engine import Engine, GenerationParams
+    from mistral.loader import load_model
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = load_model(weights, device="cpu", kernels="torch", max_seq_len=8704, quiet=True)
+    engines = {mixed: Engine(model, max_batch=8, max_seq_len=8704, fixed_batch_shape=True, prefill_chunk=chunk,
+                             mixed_prefill=mixed) for mixed in (True, False)}
+    for engine in engines.values():
+        for k in range(4):
+            engine.add([1, 5 + k, 7, 9], GenerationParams(max_tokens=8000, temperature=0, ignore_eos=True), lambda ev: None)
+        for _ in range(10):
+            engine.step()
+
+    def timed(engine, into):
+        start = time.perf_counter()
+        engine.step()
+        into.append(time.perf_counter() - start)
+
+    before, during = {m: [] for m in engines}, {m: [] for m in engines}
+    for _ in range(50):
+        for m, engine in engines.items():
+            timed(engine, before[m])
+    long_prompt = [1] + [100 + i % 500 for i in range(8000)]
+    for engine in engines.values():
+        engine.add(long_prompt, GenerationParams(max_tokens=1, temperature=0), lambda ev: None)
+    while any(e.prefilling or e.waiting for e in engines.values()):
+        for m, engine in engines.items():
+            if engine.prefilling or engine.waiting:
+                timed(engine, during[m])
+    return {m: (1000 * statistics.median(before[m]), 1000 * statistics.median(during[m]), 1000 * p(during[m], 0.99))
+            for m in engines}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--peer", type=Path, default=None, help="another checkout to compare the 1/8/32 levels with")
-    ap.add_argument("--only", default="multiturn,stall,levels")
+    ap.add_argument("--only", default="multiturn,stall,mixed,levels")
     ap.add_argument("--conversations", type=int, default=4)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--stall-after", type=float, default=3.0, help="seconds of streaming before the long prompt")
@@ -171,19 +215,29 @@ def main() -> None:
                                f"{r['later_p50']:.3f} / {r['later_p99']:.3f} | {r['tokens_per_s']:.1f} | {r['cached']} |")
                     print(out[-1], flush=True)
         if "stall" in only:
-            out.append("| prefill | streams' median gap (s) | p99 gap while the 8k prompt is read (s) | max gap (s) | p99 / median | 8k prompt TTFT (s) |")
-            out.append("|---|---|---|---|---|---|")
+            out.append("| checkout | prefill | streams' median gap (s) | p99 gap while the 8k prompt is read (s) | max gap (s) | p99 / median | 8k prompt TTFT (s) |")
+            out.append("|---|---|---|---|---|---|---|")
             for chunk in a.chunks.split(","):
                 label = "one prefill" if int(chunk) >= 8704 else f"chunks of {chunk}"
-                process, url = serve(weights, ("--prefill-chunk", chunk), max_batch=8, max_seq_len=8704)
-                try:
-                    r = asyncio.run(stall(url, a))
-                finally:
-                    process.terminate()
-                    process.wait(timeout=30)
-                out.append(f"| {label} | {r['median_gap']:.4f} | {r['p99_gap_during']:.4f} | {r['max_gap_during']:.4f} | "
-                           f"{r['p99_gap_during'] / r['median_gap']:.1f}x | {r['long_ttft']:.2f} |")
-                print(out[-1], flush=True)
+                for name, cwd in (("this", HERE), ("peer", a.peer)):
+                    if cwd is None:
+                        continue
+                    process, url = serve(weights, ("--prefill-chunk", chunk), cwd, max_batch=8, max_seq_len=8704)
+                    try:
+                        r = asyncio.run(stall(url, a))
+                    finally:
+                        process.terminate()
+                        process.wait(timeout=30)
+                    out.append(f"| {name} ({cwd}) | {label} | {r['median_gap']:.4f} | {r['p99_gap_during']:.4f} | "
+                               f"{r['max_gap_during']:.4f} | {r['p99_gap_during'] / r['median_gap']:.1f}x | {r['long_ttft']:.2f} |")
+                    print(out[-1], flush=True)
+        if "mixed" in only:
+            out.append("| prefill | mixed steps | decode-only step median (ms) | step median / p99 while the 8k prompt is read (ms) | p99 / decode-only median |")
+            out.append("|---|---|---|---|---|")
+            for chunk in a.chunks.split(","):
+                for mixed, r in mixed_steps(weights, a, int(chunk)).items():
+                    out.append(f"| chunks of {chunk} | {'on' if mixed else 'off'} | {r[0]:.2f} | {r[1]:.2f} / {r[2]:.2f} | {r[2] / r[0]:.1f}x |")
+                    print(out[-1], flush=True)
         if "levels" in only:
             out.append("| checkout | clients | tokens/s | TTFT p50 (s) | TTFT max (s) |")
             out.append("|---|---|---|---|---|")

@@ -7,6 +7,7 @@ import torch
 from transformers import MistralForCausalLM
 
 from mistral.args import ModelArgs
+from mistral.kv_cache import PackedView
 from mistral.loader import load_model
 from mistral.make_random import make_random
 
@@ -108,6 +109,47 @@ def test_paged_cache_matches_transformers(checkpoints):
     nxt = tokens_for(args, 1, 1, seed=8)
     step = model(nxt, torch.tensor([16]), cache.with_table(torch.tensor([[9, 2, 14, 5, 3]]), 17))
     assert rel_err(step[0, 0], oracle(torch.cat([tokens, nxt], dim=1)).logits[0, -1]) <= TOL
+
+
+@torch.inference_mode()
+def test_a_mixed_forward_equals_separate_forwards_and_transformers(checkpoints):
+    """One forward (kv_cache.PackedView) carrying two decode rows at different lengths and two prompt
+    chunks, one of them after a prefix it shares with the first row (blocks of 4, out of order, ragged
+    tables): every row's logits equal those of its own forward, and transformers'."""
+    args, consolidated, _, oracle = checkpoints
+    model = load_model(consolidated, quiet=True)
+    seqs = [tokens_for(args, 1, 13, seed=20), tokens_for(args, 1, 6, seed=21)]  # decode rows: 12 and 5 cached
+    seqs += [torch.cat([seqs[0][:, :8], tokens_for(args, 1, 7, seed=22)], dim=1), tokens_for(args, 1, 3, seed=23)]
+    tables = [[9, 2, 14, 5], [3, 12], [9, 2, 7, 11], [6]]  # the third shares the first's blocks 9 and 2
+    cached = [12, 5, 8, 0]  # the chunks: positions 8..14 and 0..2
+
+    def filled_cache():
+        cache = model.new_paged_cache(num_blocks=16, max_batch=2, max_seq_len=16, block_size=4)
+        for seq, table, n in zip(seqs[:2], tables, cached):
+            model(seq[:, :n], torch.tensor([0]), cache.with_table(torch.tensor([table]), n))
+        return cache
+
+    def own_table(k):
+        return torch.tensor([tables[k] + [0] * (4 - len(tables[k]))])
+
+    cache = filled_cache()
+    decode_table = torch.cat([own_table(0), own_table(1)])
+    parts = [(slice(0, 2), cache.with_table(decode_table, 16), False), (slice(2, 9), cache.with_table(own_table(2), 15), True),
+             (slice(9, 12), cache.with_table(own_table(3), 3), True)]
+    tokens = torch.cat([seqs[0][0, 12:], seqs[1][0, 5:], seqs[2][0, 8:], seqs[3][0]])[:, None]  # [12, 1]
+    positions = torch.tensor([12, 5, *range(8, 15), 0, 1, 2])
+    mixed = model(tokens, positions, PackedView(parts))[:, 0]  # [12, V]
+
+    cache = filled_cache()
+    apart = [model(tokens[:2].view(2, 1), positions[:2], cache.with_table(decode_table, 16))[:, 0]]
+    apart.append(model(tokens[2:9].view(1, 7), torch.tensor([8]), cache.with_table(own_table(2), 15))[0])
+    apart.append(model(tokens[9:].view(1, 3), torch.tensor([0]), cache.with_table(own_table(3), 3))[0])
+    assert rel_err(mixed, torch.cat(apart)) <= 1e-6
+    expected = [oracle(seqs[0]).logits[0, 12:], oracle(seqs[1]).logits[0, 5:], oracle(seqs[2]).logits[0, 8:],
+                oracle(seqs[3]).logits[0]]
+    assert rel_err(mixed, torch.cat(expected)) <= TOL
+    # narrowed to the rows whose logits a step samples from
+    assert torch.equal(model(tokens, positions, PackedView(parts), rows=torch.tensor([0, 1, 8]))[:, 0], mixed[[0, 1, 8]])
 
 
 @torch.inference_mode()

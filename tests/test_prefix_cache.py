@@ -120,3 +120,47 @@ def test_chunked_prefill_lets_running_rows_decode_meanwhile(model):
     [(chunked, _, _)] = run(Engine(model, max_batch=1, prefill_chunk=16), [long_prompt])
     [(whole, _, _)] = run(Engine(model, max_batch=1), [long_prompt])
     assert chunked == whole
+
+
+def test_streams_decoding_while_a_long_prompt_is_read_get_their_tokens_alone(model):
+    """Mixed steps: while a long prompt is read in chunks, each in the same forward as the streams'
+    decode step, every stream's greedy tokens are those it gets alone, and the long
+    prompt's answer is that of one prefill on an idle engine. (Exact at this width; at others a mixed
+    step's matmuls may round a decode row differently, which is why a fixed batch shape leaves
+    mixed steps off by default: see engine.py.)"""
+    params = GenerationParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=True)
+    assert Engine(model, max_batch=2).mixed_prefill and not Engine(model, max_batch=2, fixed_batch_shape=True).mixed_prefill
+    engine = Engine(model, max_batch=4, prefill_chunk=16, fixed_batch_shape=True, mixed_prefill=True)
+    mixed = []
+    with_chunks = engine.decode_step.with_chunks
+    engine.decode_step.with_chunks = lambda *a: mixed.append(len(a[3])) or with_chunks(*a)
+    streams = [tokens(40 + k, 4 + k) for k in range(3)]  # 15 tokens: read in the first step
+    events = [[] for _ in streams]
+    for prompt, evs in zip(streams, events):
+        engine.add(prompt, params, evs.append)
+    engine.step()  # the streams are running
+    long_prompt, long_events = tokens(50, 150), []
+    engine.add(long_prompt, GREEDY, long_events.append)
+    engine.run_until_idle()
+    assert mixed == [1] * -(-150 // 16)  # every chunk rode along with the streams' decode step
+    for prompt, evs in zip(streams, events):
+        [(alone, _, _)] = run(Engine(model, max_batch=4, fixed_batch_shape=True), [prompt], params)
+        got = [e for e in evs if isinstance(e, TokenEvent)]
+        assert [e.token for e in got] == alone
+    [(whole, _, _)] = run(Engine(model, max_batch=1), [long_prompt])
+    assert [e.token for e in long_events if isinstance(e, TokenEvent)] == whole
+
+
+def test_a_mixed_step_that_fails_reruns_apart_and_fails_only_the_bad_prompt(model):
+    """A prompt the model cannot embed (an id past the vocabulary) fails the mixed forward it rides in:
+    the step runs again apart, the prompt gets its error and the streams decode on untouched."""
+    engine = Engine(model, max_batch=3, prefill_chunk=16, fixed_batch_shape=True, mixed_prefill=True)
+    stream = []
+    engine.add(tokens(60, 6), GREEDY, stream.append)
+    engine.step()
+    bad = []
+    engine.add([1, ARGS.vocab_size + 5], GREEDY, bad.append)
+    engine.run_until_idle()
+    assert bad[-1].reason == "error" and "index" in bad[-1].message.lower() and len(bad) == 1
+    [(alone, _, _)] = run(Engine(model, max_batch=3, fixed_batch_shape=True), [tokens(60, 6)])
+    assert [e.token for e in stream if isinstance(e, TokenEvent)] == alone and stream[-1].reason == "length"
