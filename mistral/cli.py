@@ -447,7 +447,8 @@ def add_demo(sub) -> None:
 
 def cmd_demo(a) -> None:
     from .args import preset
-    from .generate import Mistral, dumps
+    from .generate import Mistral
+    from .responses import dumps
     from .loader import find_checkpoint
     from .make_random import make_random, v3_tokenizer_file
 
