@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import queue
 import threading
 from pathlib import Path
@@ -38,19 +39,16 @@ from .tokenizer import Tokenizer
 class Mistral:
     """A loaded model with its tokenizer and generation engine."""
 
-    def __init__(self, model, tokenizer: Tokenizer, *, model_name: str = "mistral", max_batch: int = 8,
-                 max_seq_len: int = 8192, fixed_batch_shape: bool = False, max_waiting: int = 256,
-                 cuda_graphs: bool | None = None, compile: bool = False, kv_cache_gb: float | None = None,
-                 prefix_caching: bool = True, prefill_chunk: int | None = None):
+    def __init__(self, model, tokenizer: Tokenizer, *, model_name: str = "mistral", max_seq_len: int = 8192,
+                 **engine_options):
+        """engine_options: the Engine's (engine.py): max_batch, fixed_batch_shape, max_waiting,
+        cuda_graphs, compile, kv_cache_gb, prefix_caching, prefill_chunk."""
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         if tokenizer.vocab_size != model.args.vocab_size:
             raise RequestError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is {model.args.vocab_size}")
-        self.engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, eos_id=tokenizer.eos_id,
-                             fixed_batch_shape=fixed_batch_shape, max_waiting=max_waiting, cuda_graphs=cuda_graphs,
-                             compile=compile, kv_cache_gb=kv_cache_gb, prefix_caching=prefix_caching,
-                             prefill_chunk=prefill_chunk)
+        self.engine = Engine(model, max_seq_len=max_seq_len, eos_id=tokenizer.eos_id, **engine_options)
         weight = model.output.weight
         self.system_fingerprint = f"mistral-from-scratch-{model.ops.name}-{str(weight.dtype).removeprefix('torch.')}-{weight.device.type}"
         self._thread: threading.Thread | None = None
@@ -88,21 +86,14 @@ class Mistral:
         dtype: str | torch.dtype | None = None,
         *,
         kernels: str = "auto",
-        max_batch: int = 8,
         max_seq_len: int = 8192,
         model_name: str | None = None,
         format: str | None = None,
-        fixed_batch_shape: bool = False,
-        max_waiting: int = 256,
-        cuda_graphs: bool | None = None,
-        compile: bool = False,
-        kv_cache_gb: float | None = None,
-        prefix_caching: bool = True,
-        prefill_chunk: int | None = None,
         token: str | None = None,
         revision: str | None = None,
         quiet: bool = False,
         quantize: str | None = None,
+        **engine_options,
     ) -> "Mistral":
         """Load a local weights folder, or download a Hub repo (one format only) and load it.
 
@@ -110,12 +101,14 @@ class Mistral:
         operations: "torch" (PyTorch's own operators, no custom kernels), "triton" (the fused Triton
         kernels, for CUDA) or "auto" (triton on CUDA, else torch). dtype: default bfloat16 on CUDA, the
         checkpoint's own dtype on CPU. max_seq_len: the KV cache's length per row (v0.3 reaches
-        32768; 8192 x 8 rows of cache take 8 GiB in bf16). cuda_graphs: replay each decode step
-        from a CUDA graph; default on for CUDA with the Triton kernels. compile: run each decode step through
-        torch.compile, the fast path on the CPU (2-3.5x; the first step compiles, ~10 s to a minute).
-        kv_cache_gb: the KV cache's pool of blocks (default: max_batch x max_seq_len positions).
-        prefix_caching: reuse the cached blocks of a prompt's prefix (see engine.py). prefill_chunk:
-        read long prompts that many tokens per step, between the running rows' decode steps.
+        32768; 8192 x 8 rows of cache take 8 GiB in bf16). engine_options go to the Engine (engine.py)
+        as they are: max_batch (default 8); fixed_batch_shape; max_waiting (default 256); cuda_graphs:
+        replay each decode step from a CUDA graph, default on for CUDA with the Triton kernels;
+        compile: run each decode step through torch.compile, the fast path on the CPU (2-3.5x; the
+        first step compiles, ~10 s to a minute); kv_cache_gb: the KV cache's pool of blocks (default:
+        max_batch x max_seq_len positions); prefix_caching: reuse the cached blocks of a prompt's
+        prefix; prefill_chunk: read long prompts that many tokens per step, between the running rows'
+        decode steps.
         token: default the HF_TOKEN variable. quantize: "int8", "int4" or "int4-128" quantizes the
         linear layers while loading, tensor by tensor (see quantize.py); dtype is then the activations'.
         """
@@ -123,6 +116,10 @@ class Mistral:
         from .hub import resolve_weights
         from .loader import load_model
 
+        try:  # a misspelt option fails before the load, not after it
+            inspect.signature(Engine).bind_partial(**engine_options)
+        except TypeError as e:
+            raise TypeError(f"Mistral.from_pretrained(): {e}") from None
         folder = resolve_weights(path_or_repo_id, format=format, token=token, revision=revision)
         device = resolve_device(device)
         if dtype is None and device.type == "cuda":
@@ -131,9 +128,7 @@ class Mistral:
                            max_seq_len=max(max_seq_len, 1), quiet=quiet, quantize=quantize)
         tokenizer = Tokenizer.from_path(folder)
         name = model_name or (str(path_or_repo_id) if not Path(path_or_repo_id).exists() else Path(folder).name)
-        return cls(model, tokenizer, model_name=name, max_batch=max_batch, max_seq_len=max_seq_len,
-                   fixed_batch_shape=fixed_batch_shape, max_waiting=max_waiting, cuda_graphs=cuda_graphs,
-                   compile=compile, kv_cache_gb=kv_cache_gb, prefix_caching=prefix_caching, prefill_chunk=prefill_chunk)
+        return cls(model, tokenizer, model_name=name, max_seq_len=max_seq_len, **engine_options)
 
     # --- the background engine thread (the server's mode) --------------------------------------------
 

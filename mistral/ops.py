@@ -57,6 +57,8 @@ def cpu_attention(xq, keys, values, input_pos, sliding_window):
 
 PYTORCH_OPS = dataclasses.replace(TORCH_OPS, linear=cpu_linear, attention=cpu_attention)
 
+KERNELS = ("torch", "triton", "auto")  # the backends' names, as `kernels=` and --kernels take them
+
 
 def get_ops(kernels: str | Ops, device: torch.device | str | None = None) -> Ops:
     """The table for `kernels` ("auto", "torch" or "triton"; an `Ops` is returned as it is) on `device`."""
@@ -69,7 +71,8 @@ def get_ops(kernels: str | Ops, device: torch.device | str | None = None) -> Ops
         return PYTORCH_OPS
     if kernels == "triton":
         return triton_ops()
-    raise ValueError(f"kernels must be 'torch', 'triton' or 'auto', got {kernels!r}")
+    names = ", ".join(map(repr, KERNELS[:-1])) + f" or {KERNELS[-1]!r}"
+    raise ValueError(f"kernels must be {names}, got {kernels!r}")
 
 
 _TRITON_OPS: Ops | None = None
