@@ -60,6 +60,8 @@ def parse_int_list(text: str, flag: str) -> list[int]:
 def add_model_flags(p, *, device: str | None = None, dtype: str | None = None, kernels: str = "auto") -> None:
     """WEIGHTS and how to load them. The keyword arguments are the command's defaults (logits keeps
     float32 on the CPU: its output is a comparison contract)."""
+    from .ops import KERNELS
+
     p.add_argument("weights", metavar="WEIGHTS", help="a weights folder, or a Hub repo id (owner/name) to download")
     p.add_argument("--format", default=None, choices=FORMATS,
                    help="which format to read when the folder holds both, or to download (default: consolidated)")
@@ -68,7 +70,7 @@ def add_model_flags(p, *, device: str | None = None, dtype: str | None = None, k
     p.add_argument("--dtype", default=dtype, choices=DTYPES,
                    help="the weights' dtype in memory"
                         + ("" if dtype else " (default: bfloat16 on CUDA, the checkpoint's own on the CPU)"))
-    p.add_argument("--kernels", default=kernels, choices=["torch", "cpu", "triton", "auto"],
+    p.add_argument("--kernels", default=kernels, choices=KERNELS,
                    help="which code computes the model's operations: torch = PyTorch's own operators (no custom "
                         "kernels); cpu = torch with this project's C++ mat-vec kernels for decode (CPU; built on "
                         "first use); triton = this project's fused Triton kernels (CUDA); auto = triton on CUDA, "
@@ -449,7 +451,8 @@ def add_demo(sub) -> None:
 
 def cmd_demo(a) -> None:
     from .args import preset
-    from .generate import Mistral, dumps
+    from .generate import Mistral
+    from .responses import dumps
     from .loader import find_checkpoint
     from .make_random import make_random, v3_tokenizer_file
 
@@ -652,7 +655,7 @@ def cmd_bench(a) -> None:
 
 
 def add_quantize_flag(p) -> None:
-    p.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-128"],
+    p.add_argument("--quantize", default=None, choices=formats.QUANTIZE_ON_LOAD,
                    help="quantize the linear layers while loading: int8 per output channel, int4 in groups of 32 "
                         "(int4-128: of 128) along the input; a `mistral quantize` checkpoint needs no flag")
 
@@ -660,9 +663,9 @@ def add_quantize_flag(p) -> None:
 def add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="write a weight-only quantized checkpoint (int8 or int4) that every command loads")
     p.add_argument("weights", type=Path, help="a full-precision checkpoint folder (either format)")
-    p.add_argument("--to", required=True, choices=["int8", "int4"],
+    p.add_argument("--to", required=True, choices=list(formats.QUANTIZATIONS),
                    help="int8: one scale per output channel; int4: one scale per --group-size inputs")
-    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="int4: weights per scale")
+    p.add_argument("--group-size", type=int, default=32, choices=formats.INT4_GROUP_SIZES, help="int4: weights per scale")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="dtype of the scales and of the unquantized tensors (default: the checkpoint's own)")
     p.add_argument("--format", default=None, choices=FORMATS, help="which format to read when the folder holds both")

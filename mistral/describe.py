@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .args import PRESETS, ModelArgs
-from .formats import DTYPES
+from .formats import DTYPES, QUANTIZATIONS
 from .errors import CheckpointError, MistralError
 
 # The context length Mistral-7B-v0.3 was trained for (config.json's max_position_embeddings);
@@ -35,7 +35,7 @@ from .errors import CheckpointError, MistralError
 DEFAULT_MAX_CONTEXT = 32768
 
 # Bytes per stored value. int8/int4 are weight-only quantisation: the matmuls still run in bf16.
-DTYPE_BYTES: dict[str, float] = {**{name: d.bytes for name, d in DTYPES.items()}, "int8": 1, "int4": 0.5}
+DTYPE_BYTES: dict[str, float] = {**{name: d.bytes for name, d in DTYPES.items()}, **QUANTIZATIONS}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -492,13 +492,7 @@ class Engine:
 
     @staticmethod
     def _flags(seqs: list[Sequence]) -> BatchFlags:
-        return BatchFlags(
-            greedy_only=all(s.params.temperature == 0 for s in seqs),
-            penalties=any(s.params.uses_penalties for s in seqs),
-            filtering=any(s.params.uses_filtering and s.params.temperature > 0 for s in seqs),
-            logit_bias=any(s.params.logit_bias for s in seqs),
-            constrained=any(s.matcher is not None and s.matcher.active for s in seqs),
-        )
+        return BatchFlags.of((s.params for s in seqs), constrained=any(s.matcher is not None and s.matcher.active for s in seqs))
 
 
 def attention_length(n: int, limit: int, step: int = 256) -> int:

@@ -1,5 +1,6 @@
-"""The names of what a checkpoint can be: its two on-disk formats, and the floating-point dtypes it
-stores (and the model computes in). One table each.
+"""The names of what a checkpoint can be: its two on-disk formats, the floating-point dtypes it
+stores (and the model computes in), and the weight-only quantizations of its linear layers. One
+table each.
 
 Imports no torch, so that the command line can offer the choices without loading it.
 """
@@ -42,3 +43,11 @@ def as_dtype(dtype):
 def dtype_name(dtype) -> str:
     """`torch.bfloat16` -> "bfloat16"."""
     return str(dtype).removeprefix("torch.")
+
+
+# Weight-only quantization methods (quantize.py) -> bytes per stored weight, the scales aside.
+QUANTIZATIONS: dict[str, float] = {"int8": 1, "int4": 0.5}
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # int4: weights per scale along the input dimension
+# What loading can be asked to quantize to (`quantize=`, --quantize): a method, int4 in its default
+# groups of 32, or in groups of 128 (Quantization.parse reads any int4-<group size>).
+QUANTIZE_ON_LOAD = (*QUANTIZATIONS, "int4-128")

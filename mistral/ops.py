@@ -27,7 +27,6 @@ from .model import TORCH_OPS, Ops
 from .model import attention as reference_attention
 
 log = logging.getLogger(__name__)
-BACKENDS = ("torch", "cpu", "triton", "auto")
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weightᵀ. On a CPU, a product of a few rows (a decode step) splits the weight's rows into
@@ -93,6 +92,8 @@ def cpu_kernels_error() -> str | None:
         return str(e)
     return None
 
+KERNELS = ("torch", "cpu", "triton", "auto")  # the backends' names, as `kernels=` and --kernels take them
+
 
 def get_ops(kernels: str | Ops, device: torch.device | str | None = None) -> Ops:
     """The table for `kernels` ("auto", "torch" or "triton"; an `Ops` is returned as it is) on `device`."""
@@ -117,7 +118,8 @@ def get_ops(kernels: str | Ops, device: torch.device | str | None = None) -> Ops
         return CPU_OPS
     if kernels == "triton":
         return triton_ops()
-    raise ValueError(f"kernels must be one of {', '.join(map(repr, BACKENDS))}, got {kernels!r}")
+    names = ", ".join(map(repr, KERNELS[:-1])) + f" or {KERNELS[-1]!r}"
+    raise ValueError(f"kernels must be {names}, got {kernels!r}")
 
 
 _TRITON_OPS: Ops | None = None

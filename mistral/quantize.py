@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
+from .formats import INT4_GROUP_SIZES, QUANTIZATIONS
 from .model import Linear
 
 CONFIG_FILE = "quantization.json"
-METHODS = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,10 @@ class Quantization:
     group_size: int | None = None  # int4: weights per scale along the input dimension
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "int4" and self.group_size not in GROUP_SIZES:
-            raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+        if self.method not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.method!r}")
+        if self.method == "int4" and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
         if self.method == "int8" and self.group_size is not None:
             raise ValueError("int8 is per output channel: it takes no group_size")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -84,6 +85,19 @@ class BatchFlags:
     filtering: bool = False  # any top-k / top-p / min-p
     logit_bias: bool = False
     constrained: bool = False  # some row's grammar limits its next token (token_mask)
+
+    @classmethod
+    def of(cls, params: Iterable, constrained: bool = False) -> BatchFlags:
+        """The flags of a batch whose rows ask for `params` (their engine.GenerationParams);
+        constrained: whether some row's grammar is active, which the engine knows."""
+        params = list(params)
+        return cls(
+            greedy_only=all(p.temperature == 0 for p in params),
+            penalties=any(p.uses_penalties for p in params),
+            filtering=any(p.uses_filtering and p.temperature > 0 for p in params),
+            logit_bias=any(p.logit_bias for p in params),
+            constrained=constrained,
+        )
 
 
 def mask_words(vocab_size: int) -> int:

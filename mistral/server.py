@@ -61,7 +61,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from . import protocol
 from .errors import RequestError
 from .metrics import Metrics
-from .generate import dumps
+from .responses import dumps
 from .response_schema import (RESPONSES, ChatCompletion, ChatCompletionChunk, Completion, DetokenizeResponse, Model,
                               ModelList, TokenizeResponse, Version)
 

@@ -31,6 +31,7 @@ it cannot be installed, requests that need a grammar get a 400 naming the parame
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,7 +134,7 @@ class Constraint:
 def available() -> bool:
     """Whether the grammar engine is installed."""
     try:
-        import llguidance  # noqa: F401
+        importlib.import_module("llguidance")
     except ImportError:
         return False
     return True

@@ -418,6 +418,12 @@ def test_unknown_parameter_is_a_request_error_naming_it(llm):
         llm.create_chat_completion(MESSAGES, topp=0.5, tempr=1)
 
 
+def test_engine_options_reach_the_engine_and_a_misspelt_one_fails_before_the_load(llm, tmp_path):
+    assert llm.engine.max_batch == 4 and llm.max_seq_len == 256  # the fixture's options
+    with pytest.raises(TypeError, match="max_bach"):  # the folder is not even looked for
+        Mistral.from_pretrained(tmp_path / "no-such-folder", device="cpu", max_bach=2)
+
+
 def test_prompt_longer_than_the_context(llm):
     long = [{"role": "user", "content": "word " * 400}]
     with pytest.raises(RequestError) as info:

@@ -5,7 +5,7 @@ the block pool's bookkeeping checked against what was run."""
 import torch
 import pytest
 
-from mistral.engine import Engine, EngineStats, FinishEvent, GenerationParams, TokenEvent
+from mistral.engine import Engine, EngineStats, GenerationParams, TokenEvent
 from mistral.kv_cache import BlockPool, bytes_per_block
 from mistral.loader import load_model
 from mistral.make_random import make_random

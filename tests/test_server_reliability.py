@@ -426,7 +426,7 @@ def test_sse_events_survive_splitlines_readers():
     any built on str.splitlines) broke such an event in two (found by scripts/soak.py)."""
     from httpx._decoders import LineDecoder
 
-    from mistral.generate import dumps
+    from mistral.responses import dumps
 
     chunk = {"choices": [{"delta": {"content": "a\u2028b\u2029c\x85d\ne\rf"}}]}
     lines = LineDecoder().decode(f"data: {dumps(chunk)}\n\n")

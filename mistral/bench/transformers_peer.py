@@ -23,8 +23,7 @@ def transformers_model(model: Transformer):
     from transformers import MistralConfig, MistralForCausalLM
 
     args, device = model.args, model.output.weight.device
-    config = MistralConfig(**args.to_hf_config())
-    config._attn_implementation = "sdpa"
+    config = MistralConfig(**args.to_hf_config(), attn_implementation="sdpa")
     with torch.device("meta"):
         hf = MistralForCausalLM(config)
     state = {}
