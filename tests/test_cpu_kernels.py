@@ -318,7 +318,7 @@ def test_float_matvec_on_every_instruction_set(built_float, isa, dtype):
         assert_float_matches(out, x, w)
 
 
-def test_cpu_backend_sends_decode_rows_to_the_kernel_eager_and_compiled():
+def test_cpu_backend_sends_eager_decode_rows_to_the_kernel():
     from torch._inductor.utils import run_and_get_code
 
     from mistral.ops import CPU_OPS, get_ops
@@ -328,9 +328,10 @@ def test_cpu_backend_sends_decode_rows_to_the_kernel_eager_and_compiled():
     with torch.profiler.profile() as prof:
         eager = CPU_OPS.linear(x, w)
     assert any(e.name == "mistral_cpu::matvec" for e in prof.events())
+    # compiled: inductor's fused reduction of cpu_linear, faster inside a compiled step (ops.py)
     compiled, code = run_and_get_code(torch.compile(CPU_OPS.linear, fullgraph=True), x, w)
-    assert "mistral_cpu.matvec" in "".join(code).replace("::", ".")
-    assert torch.equal(eager, compiled)
+    assert "mistral_cpu.matvec" not in "".join(code).replace("::", ".")
+    torch.testing.assert_close(compiled, eager)
     many = torch.randn(1, 9, 128).to(torch.bfloat16)  # a prefill: PyTorch's GEMM
     assert torch.equal(CPU_OPS.linear(many, w), F.linear(many, w))
 
