@@ -150,25 +150,30 @@ def cpu_has(flag: str | None) -> bool:
     return flag in line.split()
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """{instruction set: the kernels compiled for it alone, loaded with ctypes}, for those this CPU runs."""
+def build_alone(folder, source: str, isas: dict) -> dict:
+    """{instruction set: `source` compiled for it alone (no PyTorch), loaded with ctypes}, for those
+    of `isas` ({name: (-march flag, /proc/cpuinfo flag or None)}) this CPU runs."""
     import platform
+    import subprocess
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the instruction-set builds are x86-64's")
-    folder, libs = tmp_path_factory.mktemp("isa"), {}
-    for name, (march, flag) in ISAS.items():
+    libs = {}
+    for name, (march, flag) in isas.items():
         if not cpu_has(flag):
             continue
         out = folder / f"{name}.so"
-        flags = ("-O2", march, "-std=c++20", "-fPIC", "-shared")
-        import subprocess
-
-        cmd = cpu_kernels.compile_command(cpu_kernels.compiler(), [cpu_kernels.HERE / "quant_matvec.cpp"], out,
-                                          flags=flags, torch_headers=False)
+        cmd = cpu_kernels.compile_command(cpu_kernels.compiler(), [cpu_kernels.HERE / source], out,
+                                          flags=("-O2", march, "-std=c++20", "-fPIC", "-shared"), torch_headers=False)
         subprocess.run(cmd, check=True, capture_output=True)
-        lib = ctypes.CDLL(str(out))
+        libs[name] = ctypes.CDLL(str(out))
+    return libs
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    libs = build_alone(tmp_path_factory.mktemp("isa"), "quant_matvec.cpp", ISAS)
+    for name, lib in libs.items():
         lib.mfs_isa.restype = ctypes.c_char_p
         lib.mfs_workspace_bytes.restype = ctypes.c_size_t
         lib.mfs_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
@@ -176,7 +181,6 @@ def built(tmp_path_factory):
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                    ctypes.c_void_p]
         assert lib.mfs_isa().decode() == name
-        libs[name] = lib
     return libs
 
 
@@ -281,26 +285,13 @@ def test_float_matvec_bad_input_is_a_value_error_naming_it(call, message):
 
 @pytest.fixture(scope="module")
 def built_float(tmp_path_factory):
-    import platform
-    import subprocess
-
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the instruction-set builds are x86-64's")
-    folder, libs = tmp_path_factory.mktemp("float-isa"), {}
-    for name, march, flag in (("avx512", "-march=native", "avx512bw"), ("avx2", "-march=x86-64-v3", "avx2"),
-                              ("scalar", "-march=x86-64", None)):
-        if not cpu_has(flag):
-            continue
-        out = folder / f"{name}.so"
-        cmd = cpu_kernels.compile_command(cpu_kernels.compiler(), [cpu_kernels.HERE / "float_matvec.cpp"], out,
-                                          flags=("-O2", march, "-std=c++20", "-fPIC", "-shared"), torch_headers=False)
-        subprocess.run(cmd, check=True, capture_output=True)
-        lib = ctypes.CDLL(str(out))
+    isas = {"avx512": ("-march=native", "avx512bw"), "avx2": ("-march=x86-64-v3", "avx2"), "scalar": ("-march=x86-64", None)}
+    libs = build_alone(tmp_path_factory.mktemp("float-isa"), "float_matvec.cpp", isas)
+    for name, lib in libs.items():
         lib.mfs_float_isa.restype = ctypes.c_char_p
         lib.mfs_float_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         assert lib.mfs_float_isa().decode() == name
-        libs[name] = lib
     return libs
 
 
