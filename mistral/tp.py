@@ -33,6 +33,7 @@ on the CPU.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import hashlib
@@ -250,10 +251,20 @@ def init(device: torch.device) -> tuple[Shard, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
+        atexit.register(leave)  # after the handlers registered later (a Leader's close): they run first
     # The followers wait for rank 0's next step for as long as the server stays idle: on a group of
     # their own, so that the model's collectives keep their deadline.
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     return Shard(dist.get_rank(), dist.get_world_size(), control=control), device
+
+
+def leave() -> None:
+    """Destroy this rank's process groups, if they are still there; at exit. A rank that exits (an
+    error, a refusal) with its groups alive leaves gloo's threads running into interpreter teardown,
+    where they may abort the process (SIGABRT, "terminate called without an active exception") in
+    place of its exit status."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def load_model(folder: str | Path, device: torch.device, **kwargs):
