@@ -98,8 +98,9 @@ class Mistral:
         """Load a local weights folder, or download a Hub repo (one format only) and load it.
 
         device: default "cuda" when available, else "cpu". kernels: which code computes the model's
-        operations: "torch" (PyTorch's own operators, no custom kernels), "triton" (the fused Triton
-        kernels, for CUDA) or "auto" (triton on CUDA, else torch). dtype: default bfloat16 on CUDA, the
+        operations: "torch" (PyTorch's own operators, no custom kernels), "cpu" (the C++ mat-vec
+        kernels of kernels/cpu, built on first use), "triton" (the fused Triton kernels, for CUDA) or
+        "auto" (triton on CUDA; on a CPU "cpu" where its kernels build, else torch). dtype: default bfloat16 on CUDA, the
         checkpoint's own dtype on CPU. max_seq_len: the KV cache's length per row (v0.3 reaches
         32768; 8192 x 8 rows of cache take 8 GiB in bf16). engine_options go to the Engine (engine.py)
         as they are: max_batch (default 8); fixed_batch_shape; max_waiting (default 256); cuda_graphs:

@@ -97,7 +97,7 @@ KERNELS = ("torch", "cpu", "triton", "auto")  # the backends' names, as `kernels
 
 
 def get_ops(kernels: str | Ops, device: torch.device | str | None = None) -> Ops:
-    """The table for `kernels` ("auto", "torch" or "triton"; an `Ops` is returned as it is) on `device`."""
+    """The table for `kernels` (one of KERNELS; an `Ops` is returned as it is) on `device`."""
     if isinstance(kernels, Ops):
         return kernels
     device = torch.device(device if device is not None else "cpu")

@@ -25,7 +25,7 @@ for ctx in (128, 4096):
 
 
 def test_bench_small_on_cpu(tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "results" / "bench.json"  # a folder that does not exist yet: made
     assert main(["bench", "--preset", "small", "--device", "cpu", "--quick", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())

@@ -117,6 +117,7 @@ class Report:
         """The JSON at json_path, and the table beside it (.md)."""
         if self.json_path is not None:
             path = Path(self.json_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
             path.with_suffix(".md").write_text(self.table() + "\n")
 
