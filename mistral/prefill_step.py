@@ -65,9 +65,9 @@ class PrefillStep:
         return self.model(self.tokens, self.start, cache, last_only=True)[:, -1]  # [1, V]
 
     def warm_up(self) -> None:
-        """Compile now rather than at the first long prompt: one chunk at position `size`, written
-        into the scratch block (the table is all scratch), which no sequence reads."""
+        """Compile now rather than at the first long prompt: a first chunk, written into the scratch
+        block (the table is all scratch), which no sequence reads. At position 0: dynamo guards the
+        compiled graph on the smallest `stop` it has seen (a later chunk at 0 would recompile)."""
         if self.compiled is not None:
-            start = self.size if 2 * self.size <= self.cache.max_seq_len else 0
             with torch.inference_mode():
-                self(torch.zeros_like(self.tokens), start, self.table[:, :1], start + self.size)
+                self(torch.zeros_like(self.tokens), 0, self.table[:, :1], self.size)
