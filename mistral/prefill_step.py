@@ -9,7 +9,7 @@ attention.
 Every full chunk has the same shape: tokens [1, C] and its sequence's block table padded to the
 whole table's width [1, max_seq_len / block_size] with the scratch block (kv_cache.py), both copied
 into buffers of fixed shape; only the number of positions attention reads varies (an int, dynamic).
-So one compilation serves every chunk of every prompt at every position. A shorter chunk (a prompt's
+So two compilations (see `warm_up`) serve every chunk of every prompt at every position. A shorter chunk (a prompt's
 last, or a whole short prompt) is read eagerly: its logits may differ from a compiled chunk's in the
 last bits, as a prompt read after a cached prefix differs from one read whole (README: prefix caching),
 but a prompt's chunks are cut the same way whatever else runs, so its numbers never depend on its company.
@@ -65,9 +65,11 @@ class PrefillStep:
         return self.model(self.tokens, self.start, cache, last_only=True)[:, -1]  # [1, V]
 
     def warm_up(self) -> None:
-        """Compile now rather than at the first long prompt: a first chunk, written into the scratch
-        block (the table is all scratch), which no sequence reads. At position 0: dynamo guards the
-        compiled graph on the smallest `stop` it has seen (a later chunk at 0 would recompile)."""
+        """Compile now rather than at the first long prompt: a prompt's first two chunks, written
+        into the scratch block (the table is all scratch), which no sequence reads. Two, since dynamo
+        specializes a graph whose chunks end within the first block (a table slice of one block) and
+        compiles a second one for the chunks after it; the two serve every chunk from then on."""
         if self.compiled is not None:
             with torch.inference_mode():
-                self(torch.zeros_like(self.tokens), 0, self.table[:, :1], self.size)
+                for start in (0, self.size) if 2 * self.size <= self.cache.max_seq_len else (0,):
+                    self(torch.zeros_like(self.tokens), start, self.table[:, :1], start + self.size)
