@@ -33,7 +33,9 @@ company a request keeps. The server uses that.
 The rows' device state (last tokens, positions, sampling settings) is `Rows` (rows.py); one decode
 step over it is `DecodeStep` (decode_step.py), run eagerly, replayed from CUDA graphs
 (`cuda_graphs=True`, the default on CUDA with the Triton kernels) or, on the CPU with `compile=True`,
-through torch.compile. Prefill stays eager, since prompt lengths vary.
+through torch.compile. Prompts are read eagerly, except, with `compile=True` and `prefill_chunk`,
+their chunks of exactly `prefill_chunk` tokens: `PrefillStep` (prefill_step.py) compiles those once
+for every position, so that a chunk between two decode steps costs its work rather than its dispatch.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import torch
 from .decode_step import DecodeStep
 from .kv_cache import BLOCK_SIZE, BlockPool, bytes_per_block
 from .model import Transformer
+from .prefill_step import PrefillStep
 from .rows import Rows
 from .sampling import BatchFlags, sample, token_logprobs
 
@@ -121,6 +124,7 @@ class Sequence:
     length: int = 0  # positions written to the cache
     blocks: list[int] = field(default_factory=list)  # the KV-cache blocks of its positions, in order
     cached: int = 0  # prompt tokens found in the prefix cache
+    hashes: list[bytes] = field(default_factory=list)  # of its full blocks registered so far (BlockPool.register)
     output: list[int] = field(default_factory=list)  # the tokens sampled so far
     generated: int = 0
     finished: bool = False
@@ -172,6 +176,10 @@ class Engine:
 
         self.rows = Rows(max_batch, self.vocab_size, self.device)
         self.decode_step = DecodeStep(model, self.cache, self.rows, eos_id, compile=compile, cuda_graphs=cuda_graphs)
+        # Not for a model that announces each call to other processes (tensor parallelism's leader):
+        # a compiled call cannot announce itself (DecodeStep._announced).
+        self.prefill_step = PrefillStep(model, self.cache, prefill_chunk,
+                                        compile=compile and getattr(model, "announced", None) is None)
         # Mixed steps need attention that takes a PackedView (ops.py's tables) and a model called
         # directly (not tensor parallelism's leader, which announces each call in its own format).
         # By default not with a fixed batch shape: a mixed step's matmuls have more rows than a decode
@@ -347,11 +355,8 @@ class Engine:
     def _prefill_chunk(self, seq: Sequence, stop: int) -> None:
         """The prompt tokens of `seq` from where it stands to `stop` into its blocks; after the last,
         its first token."""
-        start, dev = seq.length, self.device
-        tokens = torch.tensor([seq.prompt[start:stop]], dtype=torch.long, device=dev)
-        cache = self.cache.with_table(self._table(seq), length=stop)
-        logits = self.model(tokens, torch.tensor([start], dtype=torch.long, device=dev), cache, last_only=True)[:, -1]
-        self._chunk_read(seq, stop, logits)
+        tokens = torch.tensor([seq.prompt[seq.length : stop]], dtype=torch.long, device=self.device)
+        self._chunk_read(seq, stop, self.prefill_step(tokens, seq.length, self._table(seq), stop))
 
     def _table(self, seq: Sequence) -> torch.Tensor:
         """A prefilling sequence's own block table [1, n]: its row of the engine's table stays on the
@@ -362,7 +367,7 @@ class Engine:
         """The prompt of `seq` is in the cache up to `stop`; at its end, its first token from `logits` [1, V]."""
         seq.length = stop
         with self._cv:
-            self.pool.register(seq.blocks, seq.prompt[:stop])
+            self.pool.register(seq.blocks, seq.prompt[:stop], seq.hashes)
         if stop == len(seq.prompt):
             self._start_decoding(seq, logits)
 
@@ -480,7 +485,7 @@ class Engine:
             self.free_rows.sort()
             with self._cv:
                 if event.reason != "error":  # after a failure, what was written is not trusted
-                    self.pool.register(seq.blocks, (seq.prompt + seq.output)[: seq.length])
+                    self.pool.register(seq.blocks, (seq.prompt + seq.output)[: seq.length], seq.hashes)
                 self.pool.release(seq.blocks)
             seq.blocks = []
         seq.emit(dataclasses.replace(event, cached_tokens=seq.cached))

@@ -163,6 +163,7 @@ class Mistral:
             for _ in range(rows):
                 self.engine.add(prompt, params, lambda event: None)
             self.engine.run_until_idle()
+        self.engine.prefill_step.warm_up()
 
     def stop(self) -> None:
         if self._thread is not None:

@@ -199,11 +199,17 @@ class BlockPool:
     def blocks_for(self, positions: int) -> int:
         return -(-positions // self.block_size)
 
-    def _hashes(self, tokens: list[int]):
-        """The chained hash of each full block of `tokens`, in order."""
-        h, bs = b"", self.block_size
-        for i in range(len(tokens) // bs):
+    def _hashes(self, tokens: list[int], known: list[bytes] | None = None):
+        """The chained hash of each full block of `tokens`, in order. `known` holds those of its first
+        blocks, hashed before: only the blocks after them are hashed, and appended to it (a prompt
+        read in chunks hashes each block once, not its whole prefix again at every chunk)."""
+        known = [] if known is None else known
+        bs, done = self.block_size, len(known)
+        yield from known[: len(tokens) // bs]
+        h = known[-1] if known else b""
+        for i in range(done, len(tokens) // bs):
             h = hashlib.sha256(h + struct.pack(f"<{bs}q", *tokens[i * bs : (i + 1) * bs])).digest()
+            known.append(h)
             yield h
 
     def match(self, tokens: list[int]) -> list[int]:
@@ -239,12 +245,13 @@ class BlockPool:
             new.append(block)
         return prefix + new
 
-    def register(self, blocks: list[int], tokens: list[int]) -> None:
+    def register(self, blocks: list[int], tokens: list[int], known: list[bytes] | None = None) -> None:
         """Offer the full blocks of `tokens` (written in `blocks`, in order) to the prefix cache. A block
-        whose tokens another block already holds stays private to its sequence."""
+        whose tokens another block already holds stays private to its sequence. `known`: the hashes of
+        the sequence's blocks registered before (see `_hashes`), extended here."""
         if not self.prefix_caching:
             return
-        for block, h in zip(blocks, self._hashes(tokens)):
+        for block, h in zip(blocks, self._hashes(tokens, known)):
             if h not in self.cached and block not in self.hash_of:
                 self.cached[h], self.hash_of[block] = block, h
 

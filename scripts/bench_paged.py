@@ -11,7 +11,8 @@ multiturn  C clients, each a conversation of --turns turns (a ~1,000-token syste
 stall      4 streaming clients; an 8,000-token prompt arrives while they stream. Their median
            inter-token gap without it, and the p99 (and max) gap while it is read, with
            --prefill-chunk 512 vs one prefill (--prefill-chunk larger than the prompt), or --chunks;
-           with --peer, each chunk size on the peer checkout too, right after this one's.
+           with --peer, each chunk size on the peer checkout too, right after this one's; with
+           --compile, the servers compile their decode steps (and this checkout its prompt chunks).
 mixed      the engine alone, in this process: 4 streams decoding while an 8,000-token prompt is read in
            --chunks chunks, each with mixed steps (the chunk in the streams' decode forward) and
            without, the two engines stepped in turn: decode-only step median, and median and p99 step
@@ -184,6 +185,8 @@ def main() -> None:
     ap.add_argument("--stall-after", type=float, default=3.0, help="seconds of streaming before the long prompt")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--chunks", default="512,100000", help="stall: the --prefill-chunk values to compare (>= 8704: one prefill)")
+    ap.add_argument("--compile", action="store_true",
+                    help="stall: serve with --compile (compiled decode steps, and here compiled prompt chunks)")
     a = ap.parse_args()
     a.model, a.api_key, a.kernels, a.device, a.dtype = "bench", "sk-bench", "torch", "cpu", None
     only = set(a.only.split(","))
@@ -222,7 +225,8 @@ def main() -> None:
                 for name, cwd in (("this", HERE), ("peer", a.peer)):
                     if cwd is None:
                         continue
-                    process, url = serve(weights, ("--prefill-chunk", chunk), cwd, max_batch=8, max_seq_len=8704)
+                    extra = ("--prefill-chunk", chunk, *(("--compile",) if a.compile else ()))
+                    process, url = serve(weights, extra, cwd, max_batch=8, max_seq_len=8704)
                     try:
                         r = asyncio.run(stall(url, a))
                     finally:
