@@ -134,14 +134,14 @@ class Int8Linear(nn.Module):
 
             out = int8_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales)
             return out.view(*x.shape[:-1], self.out_features)
-        if self.cpu_matvec and cpu_kernel_rows(x, self.in_features):
-            from kernels.cpu import int8_matvec
-
-            return int8_matvec(x.contiguous(), self.weight, self.scales)
         if x.device.type == "cpu" and not torch.compiler.is_compiling() and x.numel() > 16 * self.in_features:
             # A prefill: PyTorch's int8 mat-mul ran a 512-token 0.5B prefill at 4 tok/s (vs 292 in
             # bf16, same run); one transient full-precision matrix and a GEMM do better.
             return F.linear(x, dequantize(self, x.dtype))
+        if self.cpu_matvec and _cpu_kernel_input(x):
+            from kernels.cpu import int8_matvec
+
+            return int8_matvec(x.contiguous(), self.weight, self.scales)
         if x.device.type == "cpu" and (x.dtype != torch.float32 or not torch.compiler.is_compiling()):
             # A few rows: PyTorch's packed int8 mat-mul reads the int8 weights as they are (an
             # eager dequantize would write and read a full-precision copy at every call). With
@@ -187,7 +187,7 @@ class Int4Linear(nn.Module):
             out = int4_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales, self.group_size)
             return out.view(*x.shape[:-1], self.out_features)
         few_rows = torch.compiler.is_compiling() or x.numel() <= 16 * self.in_features
-        if self.cpu_matvec and cpu_kernel_rows(x, self.in_features):
+        if few_rows and self.cpu_matvec and _cpu_kernel_input(x):
             from kernels.cpu import int4_matvec
 
             return int4_matvec(x.contiguous(), self.weight, self.scales, self.group_size)
@@ -227,11 +227,8 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
-def cpu_kernel_rows(x: torch.Tensor, in_features: int) -> bool:
-    """Whether x's rows suit the CPU kernels: fp32/bf16 on the CPU, and a few rows (a decode step)
-    or any under torch.compile (which compiles the decode step only)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and (torch.compiler.is_compiling() or x.numel() <= 16 * in_features))
+def _cpu_kernel_input(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
@@ -355,9 +352,7 @@ class QuantizedLoad:
         """After the tensors are in place, on the CPU: with kernels="cpu" its mat-vec kernels, else
         PyTorch's packed int4 layout (which costs the int4 weights' bytes again) where it applies."""
         if model.ops.name == "cpu":
-            from .merged import merge_projections
-
-            merge_projections(use_cpu_kernels(model))  # wq|wk|wv and w1|w3: one kernel call each
+            use_cpu_kernels(model)
         else:
             pack_for_cpu(model)
 

@@ -257,41 +257,6 @@ def test_loader_wires_the_kernels_and_torch_turns_them_off(tmp_path):
         assert torch.equal(on(tokens), off(tokens))
 
 
-@pytest.mark.parametrize("spec, kind", [("int8", Int8Linear), ("int4", Int4Linear)])
-def test_loader_merges_the_quantized_projections_with_the_bits_of_the_separate_calls(tmp_path, spec, kind):
-    """On the kernels, wq|wk|wv and w1|w3 are one call each (x quantized once); a decode step's
-    logits are those of the separate layers' calls, bit for bit, and the checkpoint names stay."""
-    from mistral.merged import MergedQuantizedProjection, unmerged
-
-    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, norm_eps=1e-5,
-                     vocab_size=512, rope_theta=1e6)
-    folder = make_random(tmp_path / "m", args, "consolidated", "float32", seed=3, tokenizer=False)
-    model = load_model(folder, quantize=spec, max_seq_len=16, kernels="cpu")
-    plain = load_model(folder, quantize=spec, max_seq_len=16, kernels="torch")
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
-    assert all(isinstance(layer.attention.__dict__.get("project_qkv"), MergedQuantizedProjection)
-               and isinstance(layer.feed_forward.__dict__.get("project_gate_up"), MergedQuantizedProjection)
-               for layer in model.layers)
-    assert not any("project_qkv" in layer.attention.__dict__ for layer in plain.layers)  # torch: not merged
-    op = f"mistral_cpu::{spec}_matvec"
-
-    def decode(model):
-        cache = model.new_cache(1, 16)
-        with torch.inference_mode():
-            model(torch.tensor([[5, 7, 9]]), torch.tensor([0]), cache)
-            return torch.cat([model(torch.tensor([[t]]), torch.tensor([3 + i]), cache) for i, t in enumerate((4, 8))])
-
-    with torch.profiler.profile() as prof:
-        merged = decode(model)
-    calls = sum(e.name == op for e in prof.events())
-    assert calls == 3 * (4 * args.n_layers + 1)  # qkv, wo, gate|up and w2 a layer, the output head; 3 forwards
-    with unmerged(model):
-        separate = decode(model)
-    assert torch.equal(merged, separate)
-    layers = [m for m in model.modules() if isinstance(m, kind)]
-    assert len(layers) == 7 * args.n_layers + 1  # the layers themselves stay, over views of the merged storage
-
-
 # --- fp32 / bf16 weights: kernels.cpu.matvec and the "cpu" backend -------------------------------
 
 
