@@ -80,11 +80,15 @@ def test_op_equals_the_exact_int8_activation_reference(q, dtype, rows):
 
 @pytest.mark.parametrize("q", METHODS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_row_gets_the_same_bits_alone_and_in_any_batch(q, dtype):
-    """Each row's activation is quantized and reduced on its own (rows are taken four at a time):
+@pytest.mark.parametrize("K, N", [(256, 40), (352, 39)])
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(q, dtype, K, N):
+    """Each row's activation is quantized and reduced on its own (activation rows four at a time
+    against a weight row; a single row against four weight rows at a time, the rest one by one):
     a sequence's result must not depend on its company in a decode batch."""
-    m = layer(q, dtype=dtype)
-    x = torch.randn(7, 256).to(dtype)
+    if q.group_size and K % q.group_size:
+        pytest.skip(f"groups of {q.group_size} do not divide K = {K}")
+    m = layer(q, in_features=K, out_features=N, dtype=dtype)
+    x = torch.randn(7, K).to(dtype)
     op = (lambda x: cpu_kernels.int8_matvec(x, m.weight, m.scales)) if q.method == "int8" else \
         (lambda x: cpu_kernels.int4_matvec(x, m.weight, m.scales, q.group_size))
     batch = op(x)
@@ -199,12 +203,17 @@ def call(lib, m, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("isa", list(ISAS))
 @pytest.mark.parametrize("q", METHODS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_every_instruction_set_equals_the_exact_reference(built, isa, q, dtype):
+# K past the vector steps (avx512: int8 64 inputs, int4 128) by 32, 64 and 96 inputs, and past the
+# 16-block window of int4's scales; N: weight rows not a multiple of the 4 a single row takes at a time
+@pytest.mark.parametrize("K, N", [(384, 37), (352, 6), (320, 3), (288, 9), (1056, 5), (1152, 7)])
+def test_every_instruction_set_equals_the_exact_reference(built, isa, q, dtype, K, N):
     if isa not in built:
         pytest.skip(f"this CPU does not run {isa}")
-    m = layer(q, in_features=384, out_features=37, dtype=dtype, seed=2)  # K: not a multiple of 64; N odd
+    if q.group_size and K % q.group_size:
+        pytest.skip(f"groups of {q.group_size} do not divide K = {K}")
+    m = layer(q, in_features=K, out_features=N, dtype=dtype, seed=2)
     for rows in (1, 2, 4, 6):
-        x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
         assert_matches_exact(call(built[isa], m, x), x, m)
 
 

@@ -1,7 +1,9 @@
 // The kernels of quant_matvec.h, for the instruction set the compiler targets (-march=native):
 //
-//   avx512-vnni  64 inputs a step: vpdpbusd (u8 x s8 -> s32, four products a lane), the weights'
-//                sign handled by a per-lane bias the accumulator starts from (see `prepare`)
+//   avx512-vnni  vpdpbusd (u8 x s8 -> s32, four products a lane), the weights' sign handled by a
+//                per-lane bias the accumulator starts from (see `prepare_row`); int8 64 inputs a
+//                step, int4 128 (one 64-byte load of nibbles); a single activation row against 4
+//                weight rows at a time, each weight row prefetched ahead of its loads
 //   avx2         32 inputs (one block) a step: vpmaddubsw + vpmaddwd
 //   scalar       portable C++; also the definition the others must match
 //
@@ -27,18 +29,21 @@ namespace {
 
 constexpr int64_t BLOCK = 32;  // inputs per activation scale
 constexpr int MAX_MM = 4;      // activation rows computed together against one load of a weight row
+constexpr int ROWS = 4;        // weight rows computed together against one load of a single activation row
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // Workspace of one activation row (all offsets 64-byte aligned):
-//   xq    [Kp] int8         the quantized inputs, zero past K; order: natural, or permuted for int4
+//   xq    [Kp] int8         the quantized inputs, zero past K (Kp: K rounded up to 128); order:
+//                           natural, or permuted for int4
 //   d     [nbp] float       block scales, zero past the last block
 //   sx    [nbp] int32       sum of xq over each block (avx2 int4: the -8 of the nibbles)
-//   lane_d    [Kp/4] float  avx512: the block scale of each int32 lane of a 64-input step
-//   lane_bias [Kp/4] int32  avx512: what each lane's dot product starts from (the sign correction)
+//   lane_d    [Kp/4] float  avx512 int8: the block scale of each int32 lane of a 64-input step
+//   lane_bias [Kp/4] int32  avx512: what each lane's dot product starts from (the sign correction),
+//                           per 64-input step (int8) or 128-input chunk (int4)
 struct Layout {
   int64_t Kp, nbp, stride;
-  explicit Layout(int64_t K) : Kp(round_up(K, 64)), nbp(round_up(Kp / BLOCK, 16)), stride(3 * Kp + 8 * nbp) {}
+  explicit Layout(int64_t K) : Kp(round_up(K, 128)), nbp(round_up(Kp / BLOCK, 16)), stride(3 * Kp + 8 * nbp) {}
   int8_t* xq(uint8_t* ws, int64_t m) const { return reinterpret_cast<int8_t*>(ws + m * stride); }
   float* d(uint8_t* ws, int64_t m) const { return reinterpret_cast<float*>(ws + m * stride + Kp); }
   int32_t* sx(uint8_t* ws, int64_t m) const { return reinterpret_cast<int32_t*>(ws + m * stride + Kp + 4 * nbp); }
@@ -116,13 +121,15 @@ void quantize_block16x2(const void* x, DType t, int64_t k0, __m512i& q0, __m512i
   sx = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 }
 
-// One row: per 64-input step (two blocks, or one at the end when K % 64 == 32) the inputs as
-// vpdpbusd's signed operand, and what each of its 16 lanes starts from.
-//   int8: natural order; the weights are made unsigned by w + 128, so a lane starts at
-//         -128 * (the sum of its 4 inputs) and ends at the signed dot product.
-//   int4: the weights' low nibbles (inputs 2j) then their high nibbles (2j + 1), as the kernel
-//         unpacks 32 bytes: the step's 32 even inputs then its 32 odd ones; a lane starts at
-//         -8 * (the sum of its 4 inputs), the nibbles' offset.
+// One row, as vpdpbusd's signed operand, with what each of its 16 int32 lanes starts from.
+//   int8: 64-input steps (two blocks, or one at the end when K % 64 == 32) in natural order; the
+//         weights are made unsigned by w + 128, so a lane starts at -128 * (the sum of its 4
+//         inputs) and ends at the signed dot product. lane_d: each lane's block scale.
+//   int4: 128-input chunks (four blocks, the last one partial), laid out as the kernel unpacks a
+//         chunk's 64 bytes of nibbles with one mask and one shift of the whole vector: the chunk's
+//         64 even inputs (the low nibbles), then its 64 odd ones (the high nibbles). Lane l of
+//         either half then holds inputs of block l / 4 of the chunk, so both halves' products add
+//         into the same lanes; a lane starts at -8 * (the sum of its 8 inputs), the nibbles' offset.
 void prepare_row(Format format, const void* x, DType t, int64_t K, const Layout& L, uint8_t* ws, int64_t m) {
   int8_t* xq = L.xq(ws, m);
   float* d = L.d(ws, m);
@@ -134,30 +141,38 @@ void prepare_row(Format format, const void* x, DType t, int64_t K, const Layout&
   const __m512i ones = _mm512_set1_epi8(1);
   std::fill(d, d + L.nbp, 0.f);
   std::fill(sx, sx + L.nbp, 0);
-  for (int64_t c = 0; c < L.Kp / 64; ++c) {
-    const int64_t b = 2 * c;
-    __m512i q[4];
-    quantize_block16x2(x, t, 64 * c, q[0], q[1], d[b], sx[b]);
-    if (64 * c + 32 < K) {
-      quantize_block16x2(x, t, 64 * c + 32, q[2], q[3], d[b + 1], sx[b + 1]);
-    } else {
-      q[2] = q[3] = _mm512_setzero_si512();
-    }
-    __m128i* out = reinterpret_cast<__m128i*>(xq + 64 * c);
-    if (format == INT8) {
+  if (format == INT8) {
+    for (int64_t c = 0; c < round_up(K, 64) / 64; ++c) {
+      const int64_t b = 2 * c;
+      __m512i q[4];
+      quantize_block16x2(x, t, 64 * c, q[0], q[1], d[b], sx[b]);
+      if (64 * c + 32 < K) {
+        quantize_block16x2(x, t, 64 * c + 32, q[2], q[3], d[b + 1], sx[b + 1]);
+      } else {
+        q[2] = q[3] = _mm512_setzero_si512();
+      }
+      __m128i* out = reinterpret_cast<__m128i*>(xq + 64 * c);
       for (int i = 0; i < 4; ++i) _mm_store_si128(out + i, _mm512_cvtsepi32_epi8(q[i]));
-    } else {
-      _mm_store_si128(out + 0, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[0], even, q[1])));
-      _mm_store_si128(out + 1, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[2], even, q[3])));
-      _mm_store_si128(out + 2, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[0], odd, q[1])));
-      _mm_store_si128(out + 3, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[2], odd, q[3])));
+      // the lane sums of the stored order, by the same instruction the kernel uses
+      const __m512i lane_sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
+                                                   _mm512_load_si512(reinterpret_cast<const void*>(xq + 64 * c)));
+      _mm512_store_si512(lane_bias + 16 * c, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(lane_sum, 7)));
+      _mm512_store_ps(lane_d + 16 * c, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d[b]), _mm512_set1_ps(d[b + 1])));
     }
-    // the lane sums of the stored order, by the same instruction the kernel uses
-    const __m512i lane_sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
-                                                 _mm512_load_si512(reinterpret_cast<const void*>(xq + 64 * c)));
-    const int shift = format == INT8 ? 7 : 3;  // -128 or -8 times the sum
-    _mm512_store_si512(lane_bias + 16 * c, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(lane_sum, shift)));
-    _mm512_store_ps(lane_d + 16 * c, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d[b]), _mm512_set1_ps(d[b + 1])));
+    return;
+  }
+  for (int64_t c = 0; c < round_up(K, 128) / 128; ++c) {
+    __m128i* out = reinterpret_cast<__m128i*>(xq + 128 * c);
+    for (int b = 0; b < 4; ++b) {
+      __m512i q0 = _mm512_setzero_si512(), q1 = q0;
+      if (128 * c + 32 * b < K) quantize_block16x2(x, t, 128 * c + 32 * b, q0, q1, d[4 * c + b], sx[4 * c + b]);
+      _mm_store_si128(out + b, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, even, q1)));
+      _mm_store_si128(out + 4 + b, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, odd, q1)));
+    }
+    const __m512i lo = _mm512_load_si512(reinterpret_cast<const void*>(xq + 128 * c));
+    const __m512i hi = _mm512_load_si512(reinterpret_cast<const void*>(xq + 128 * c + 64));
+    const __m512i lane_sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, lo), ones, hi);
+    _mm512_store_si512(lane_bias + 16 * c, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(lane_sum, 3)));
   }
 }
 
@@ -191,32 +206,49 @@ void prepare_row(Format format, const void* x, DType t, int64_t K, const Layout&
 
 #endif
 
-// --- the dot products of one weight row with MM activation rows ----------------------------------
+// --- the dot products of R weight rows with MM activation rows -----------------------------------
 //
-// Each writes MM sums y[i] = sum over blocks of (activation scale * weight scale * integer dot),
-// for activation rows m0 .. m0+MM-1; int8's per-channel scale is applied by the caller. A weight
-// row is loaded once for all MM rows.
+// A tile writes y[r * MM + i] = sum over blocks of (activation scale * weight scale * integer dot)
+// for weight rows w, w + row_bytes, ... (R of them) and activation rows m0 .. m0+MM-1; int8's
+// per-channel scale is applied by the caller. Each weight vector is loaded once for the MM
+// activation rows, each activation vector once for the R weight rows; every (weight row,
+// activation row) pair takes the same instructions in the same order whatever the tile, so a
+// result's bits do not depend on the tile that computed it.
 
 #if MFS_AVX512
 
-template <int MM>
-void int8_row(const int8_t* w, const void*, DType, int64_t, int64_t K, const Layout& L, const uint8_t* ws,
-              int64_t m0, float* y) {
+// How far ahead of its loads each weight row is prefetched. The hardware prefetcher alone keeps too
+// few lines in flight on 2 cores: a 0.5B int8 decode step's mat-vecs streamed 21 GB/s without this,
+// 25 GB/s 1 KiB ahead, 27 GB/s 8 KiB ahead (int4: 16, 21, 26), in one C++ microbenchmark run.
+constexpr int64_t PREFETCH = 8192;
+
+template <int MM, int R>
+void int8_tile(const int8_t* w, int64_t row_bytes, const void*, int64_t, DType, int64_t, int64_t K, const Layout& L,
+               const uint8_t* ws, int64_t m0, float* y) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));  // w + 128: vpdpbusd's unsigned operand
-  __m512 acc[MM];
-  for (int i = 0; i < MM; ++i) acc[i] = _mm512_setzero_ps();
-  auto step = [&](__m512i wv, int64_t c) {
-    wv = _mm512_xor_si512(wv, flip);
+  __m512 acc[R][MM];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MM; ++i) acc[r][i] = _mm512_setzero_ps();
+  auto step = [&](int64_t c, bool last32) {
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) {
+      const int8_t* p = w + r * row_bytes + 64 * c;
+      _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH), _MM_HINT_T0);
+      wv[r] = _mm512_xor_si512(last32 ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, p) : _mm512_loadu_si512(p), flip);
+    }
     for (int i = 0; i < MM; ++i) {
       const __m512i bias = _mm512_load_si512(L.lane_bias(ws, m0 + i) + 16 * c);
-      const __m512i dot = _mm512_dpbusd_epi32(bias, wv, _mm512_load_si512(L.xq(ws, m0 + i) + 64 * c));
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(L.lane_d(ws, m0 + i) + 16 * c), acc[i]);
+      const __m512i xq = _mm512_load_si512(L.xq(ws, m0 + i) + 64 * c);
+      const __m512 d = _mm512_load_ps(L.lane_d(ws, m0 + i) + 16 * c);
+      for (int r = 0; r < R; ++r)
+        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias, wv[r], xq)), d, acc[r][i]);
     }
   };
   const int64_t full = K / 64;
-  for (int64_t c = 0; c < full; ++c) step(_mm512_loadu_si512(w + 64 * c), c);
-  if (K % 64) step(_mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + 64 * full), full);  // the last 32
-  for (int i = 0; i < MM; ++i) y[i] = _mm512_reduce_add_ps(acc[i]);
+  for (int64_t c = 0; c < full; ++c) step(c, false);
+  if (K % 64) step(full, true);  // the last 32
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MM; ++i) y[r * MM + i] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 // The scales of blocks b0 .. b0+15 (b0 a multiple of 16) of one weight row as fp32, zero past the
@@ -237,36 +269,47 @@ __m512 block_scales16(const void* s, DType t, int64_t b0, int64_t groups, int64_
   return _mm512_permutexvar_ps(_mm512_srlv_epi32(lane, _mm512_set1_epi32(log2)), v);
 }
 
-template <int MM>
-void int4_row(const uint8_t* w, const void* s, DType st, int64_t per_group, int64_t K, const Layout& L,
-              const uint8_t* ws, int64_t m0, float* y) {
+template <int MM, int R>
+void int4_tile(const uint8_t* w, int64_t row_bytes, const void* s, int64_t s_row_bytes, DType st, int64_t per_group,
+               int64_t K, const Layout& L, const uint8_t* ws, int64_t m0, float* y) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  // a step's 32 bytes in both halves; the upper half shifted right by 4: [low nibbles | high nibbles]
-  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  // lane l of a step holds inputs of block 2c + pattern[l] (see prepare_row)
-  const __m512i pattern = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
-  const int64_t blocks = K / BLOCK, groups = blocks / per_group, steps = L.Kp / 64;
-  __m512 acc[MM];
-  for (int i = 0; i < MM; ++i) acc[i] = _mm512_setzero_ps();
+  // lane l of a chunk holds inputs of block 4c + l / 4 (see prepare_row)
+  const __m512i pattern = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const int64_t blocks = K / BLOCK, groups = blocks / per_group, chunks = round_up(K, 128) / 128;
+  __m512 acc[R][MM];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MM; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-    const __m512 sw = block_scales16(s, st, b0, groups, per_group);
-    __m512 scale[MM];  // activation scale x weight scale, per block of the window
-    for (int i = 0; i < MM; ++i) scale[i] = _mm512_mul_ps(sw, _mm512_load_ps(L.d(ws, m0 + i) + b0));
-    const int64_t c_end = std::min(steps, b0 / 2 + 8);
-    for (int64_t c = b0 / 2; c < c_end; ++c) {
-      const uint8_t* p = w + 32 * c;
-      const __m256i raw = 64 * c + 64 <= K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                           : _mm256_maskz_loadu_epi8(0xFFFF, p);  // the last 32 inputs
-      const __m512i nib = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(raw), shift), low4);
-      const __m512i idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(int(2 * c - b0)));
+    __m512 scale[R][MM];  // activation scale x weight scale, per block of the window
+    for (int r = 0; r < R; ++r) {
+      const __m512 sw = block_scales16(static_cast<const uint8_t*>(s) + r * s_row_bytes, st, b0, groups, per_group);
+      for (int i = 0; i < MM; ++i) scale[r][i] = _mm512_mul_ps(sw, _mm512_load_ps(L.d(ws, m0 + i) + b0));
+    }
+    const int64_t c_end = std::min(chunks, b0 / 4 + 4);
+    for (int64_t c = b0 / 4; c < c_end; ++c) {
+      const __m512i idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(int(4 * c - b0)));
+      const int64_t bytes = std::min<int64_t>(64, K / 2 - 64 * c);  // 16, 32 or 48 in a last, partial chunk
+      __m512i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = w + r * row_bytes + 64 * c;
+        _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH), _MM_HINT_T0);
+        const __m512i raw = bytes == 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), p);
+        lo[r] = _mm512_and_si512(raw, low4);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      }
       for (int i = 0; i < MM; ++i) {
         const __m512i bias = _mm512_load_si512(L.lane_bias(ws, m0 + i) + 16 * c);
-        const __m512i dot = _mm512_dpbusd_epi32(bias, nib, _mm512_load_si512(L.xq(ws, m0 + i) + 64 * c));
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, scale[i]), acc[i]);
+        const __m512i x_even = _mm512_load_si512(L.xq(ws, m0 + i) + 128 * c);
+        const __m512i x_odd = _mm512_load_si512(L.xq(ws, m0 + i) + 128 * c + 64);
+        for (int r = 0; r < R; ++r) {
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(bias, lo[r], x_even), hi[r], x_odd);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, scale[r][i]), acc[r][i]);
+        }
       }
     }
   }
-  for (int i = 0; i < MM; ++i) y[i] = _mm512_reduce_add_ps(acc[i]);
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MM; ++i) y[r * MM + i] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 #elif MFS_AVX2
@@ -357,28 +400,64 @@ void int4_row(const uint8_t* w, const void* s, DType st, int64_t per_group, int6
 
 #endif
 
-template <typename W, void (*Row1)(const W*, const void*, DType, int64_t, int64_t, const Layout&, const uint8_t*, int64_t, float*),
-          void (*Row2)(const W*, const void*, DType, int64_t, int64_t, const Layout&, const uint8_t*, int64_t, float*),
-          void (*Row3)(const W*, const void*, DType, int64_t, int64_t, const Layout&, const uint8_t*, int64_t, float*),
-          void (*Row4)(const W*, const void*, DType, int64_t, int64_t, const Layout&, const uint8_t*, int64_t, float*)>
+#if !MFS_AVX512
+
+// These paths take one weight row at a time.
+template <int MM, int R>
+void int8_tile(const int8_t* w, int64_t row_bytes, const void* s, int64_t s_row_bytes, DType st, int64_t per_group,
+               int64_t K, const Layout& L, const uint8_t* ws, int64_t m0, float* y) {
+  for (int r = 0; r < R; ++r)
+    int8_row<MM>(w + r * row_bytes, static_cast<const uint8_t*>(s) + r * s_row_bytes, st, per_group, K, L, ws, m0,
+                 y + r * MM);
+}
+
+template <int MM, int R>
+void int4_tile(const uint8_t* w, int64_t row_bytes, const void* s, int64_t s_row_bytes, DType st, int64_t per_group,
+               int64_t K, const Layout& L, const uint8_t* ws, int64_t m0, float* y) {
+  for (int r = 0; r < R; ++r)
+    int4_row<MM>(w + r * row_bytes, static_cast<const uint8_t*>(s) + r * s_row_bytes, st, per_group, K, L, ws, m0,
+                 y + r * MM);
+}
+
+#endif
+
+// The tiles of a format, as function pointers: Tile::fn<MM, R>.
+struct Int8Tile {
+  template <int MM, int R>
+  static constexpr auto fn = &int8_tile<MM, R>;
+};
+
+struct Int4Tile {
+  template <int MM, int R>
+  static constexpr auto fn = &int4_tile<MM, R>;
+};
+
+// Outputs [n0, n1): a batch of one row (a decode step of one sequence) takes weight rows ROWS at a
+// time, sharing each activation load among them; more rows take activation rows MAX_MM at a time
+// against each weight row, sharing each weight load among them.
+template <typename Tile, typename W>
 void rows(const uint8_t* ws, int64_t M, int64_t K, const W* w, int64_t row_bytes, const void* scales, DType st,
-          int64_t scales_per_row, int64_t per_group, bool row_scale, void* out, DType ot, int64_t N, int64_t n0,
+          int64_t s_row_bytes, int64_t per_group, bool row_scale, void* out, DType ot, int64_t N, int64_t n0,
           int64_t n1) {
+  static constexpr decltype(Tile::template fn<1, 1>) by_rows[MAX_MM] = {
+      Tile::template fn<1, 1>, Tile::template fn<2, 1>, Tile::template fn<3, 1>, Tile::template fn<4, 1>};
   const Layout L(K);
-  const int64_t scale_size = st == F32 ? 4 : 2;
-  for (int64_t n = n0; n < n1; ++n) {
-    const W* wn = reinterpret_cast<const W*>(reinterpret_cast<const uint8_t*>(w) + n * row_bytes);
-    const void* sn = static_cast<const uint8_t*>(scales) + n * scales_per_row * scale_size;
+  auto row_scales = [&](int64_t n) { return static_cast<const uint8_t*>(scales) + n * s_row_bytes; };
+  auto store = [&](int64_t m, int64_t n, float v) {
+    store_scalar(out, ot, m * N + n, row_scale ? v * load_scalar(row_scales(n), st, 0) : v);
+  };
+  int64_t n = n0;
+  for (; M == 1 && n + ROWS <= n1; n += ROWS) {
+    float y[ROWS];
+    Tile::template fn<1, ROWS>(w + n * row_bytes, row_bytes, row_scales(n), s_row_bytes, st, per_group, K, L, ws, 0, y);
+    for (int r = 0; r < ROWS; ++r) store(0, n + r, y[r]);
+  }
+  for (; n < n1; ++n) {
     for (int64_t m0 = 0; m0 < M; m0 += MAX_MM) {
+      const int64_t mm = std::min<int64_t>(MAX_MM, M - m0);
       float y[MAX_MM];
-      switch (std::min<int64_t>(MAX_MM, M - m0)) {
-        case 1: Row1(wn, sn, st, per_group, K, L, ws, m0, y); break;
-        case 2: Row2(wn, sn, st, per_group, K, L, ws, m0, y); break;
-        case 3: Row3(wn, sn, st, per_group, K, L, ws, m0, y); break;
-        default: Row4(wn, sn, st, per_group, K, L, ws, m0, y); break;
-      }
-      const float s = row_scale ? load_scalar(sn, st, 0) : 1.f;
-      for (int64_t i = 0; i < std::min<int64_t>(MAX_MM, M - m0); ++i) store_scalar(out, ot, (m0 + i) * N + n, y[i] * s);
+      by_rows[mm - 1](w + n * row_bytes, row_bytes, row_scales(n), s_row_bytes, st, per_group, K, L, ws, m0, y);
+      for (int64_t i = 0; i < mm; ++i) store(m0 + i, n, y[i]);
     }
   }
 }
@@ -406,14 +485,13 @@ void prepare(Format format, const void* x, DType x_dtype, int64_t M, int64_t K, 
 
 void int8_rows(const uint8_t* ws, int64_t M, int64_t K, const int8_t* w, const void* scales, DType s_dtype,
                void* out, DType out_dtype, int64_t N, int64_t n0, int64_t n1) {
-  rows<int8_t, int8_row<1>, int8_row<2>, int8_row<3>, int8_row<4>>(ws, M, K, w, K, scales, s_dtype, 1, 1, true, out,
-                                                                    out_dtype, N, n0, n1);
+  rows<Int8Tile>(ws, M, K, w, K, scales, s_dtype, s_dtype == F32 ? 4 : 2, 1, true, out, out_dtype, N, n0, n1);
 }
 
 void int4_rows(const uint8_t* ws, int64_t M, int64_t K, const uint8_t* w, const void* scales, DType s_dtype,
                int64_t group, void* out, DType out_dtype, int64_t N, int64_t n0, int64_t n1) {
-  rows<uint8_t, int4_row<1>, int4_row<2>, int4_row<3>, int4_row<4>>(ws, M, K, w, K / 2, scales, s_dtype, K / group,
-                                                                    group / BLOCK, false, out, out_dtype, N, n0, n1);
+  rows<Int4Tile>(ws, M, K, w, K / 2, scales, s_dtype, K / group * (s_dtype == F32 ? 4 : 2), group / BLOCK, false, out,
+                 out_dtype, N, n0, n1);
 }
 
 }  // namespace mfs
