@@ -16,7 +16,6 @@ For each quantization, on the random checkpoint that scripts/bench_llamacpp.py u
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import defaultdict
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llamacpp import ensure_checkpoints, our_decode  # noqa: E402
 
 import kernels.cpu as cpu_kernels  # noqa: E402
+from mistral.bench.timing import best_time, load_average  # noqa: E402
 from mistral.engine import Engine  # noqa: E402
 from mistral.loader import load_model  # noqa: E402
 from mistral.tokenizer import Tokenizer  # noqa: E402
@@ -101,12 +101,7 @@ def fixed_cost_us(name: str, dtype: torch.dtype) -> float:
         args = (x, torch.randint(0, 256, (64, 16), dtype=torch.uint8), torch.rand(64, 1, dtype=dtype), 32)
     op = getattr(cpu_kernels, name)
     with torch.inference_mode():
-        for _ in range(200):
-            op(*args)
-        start = time.perf_counter()
-        for _ in range(2000):
-            op(*args)
-    return 1e6 * (time.perf_counter() - start) / 2000
+        return 1e6 * best_time(lambda: [op(*args) for _ in range(2000)], "cpu", 3) / 2000
 
 
 def isolated_cold_gbs(calls, l3_bytes: int = 32 << 20) -> dict:
@@ -117,13 +112,7 @@ def isolated_cold_gbs(calls, l3_bytes: int = 32 << 20) -> dict:
             name, op, args = next(c for c in calls if shape_of(c[2]) == shape)
             copies = -(-8 * l3_bytes // nbytes(args))
             sets = [(args[0], args[1].clone(), args[2].clone(), *args[3:]) for _ in range(copies)]
-            best = float("inf")
-            for _ in range(3):
-                start = time.perf_counter()
-                for a in sets:
-                    op(*a)
-                best = min(best, time.perf_counter() - start)
-            out[shape] = copies * nbytes(args) / best / 1e9
+            out[shape] = copies * nbytes(args) / best_time(lambda: [op(*a) for a in sets], "cpu", 3) / 1e9
     return out
 
 
@@ -139,7 +128,7 @@ def main() -> int:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, {a.threads} threads, "
-          f"kernels {cpu_kernels.isa()}; load average {os.getloadavg()}", flush=True)
+          f"kernels {cpu_kernels.isa()}; load average {load_average()}", flush=True)
     folder, _ = ensure_checkpoints(a.cache, a.size)
     tokenizer = Tokenizer.from_path(folder)
     prompt = tokenizer.encode("The weights of a language model are read once for every token", bos=True)
