@@ -2,8 +2,8 @@
 //
 //   avx512-vnni  vpdpbusd (u8 x s8 -> s32, four products a lane), the weights' sign handled by a
 //                per-lane bias the accumulator starts from (see `prepare_row`); int8 64 inputs a
-//                step, int4 128 (one 64-byte load of nibbles); a single activation row against 4
-//                weight rows at a time, each weight row prefetched ahead of its loads
+//                step, int4 128 (one 64-byte load of nibbles); one weight row at a time, front
+//                to back, against up to 4 activation rows
 //   avx2         32 inputs (one block) a step: vpmaddubsw + vpmaddwd
 //   scalar       portable C++; also the definition the others must match
 //
@@ -29,7 +29,6 @@ namespace {
 
 constexpr int64_t BLOCK = 32;  // inputs per activation scale
 constexpr int MAX_MM = 4;      // activation rows computed together against one load of a weight row
-constexpr int ROWS = 4;        // weight rows computed together against one load of a single activation row
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -206,49 +205,50 @@ void prepare_row(Format format, const void* x, DType t, int64_t K, const Layout&
 
 #endif
 
-// --- the dot products of R weight rows with MM activation rows -----------------------------------
+// --- the dot products of one weight row with MM activation rows ---------------------------------
 //
-// A tile writes y[r * MM + i] = sum over blocks of (activation scale * weight scale * integer dot)
-// for weight rows w, w + row_bytes, ... (R of them) and activation rows m0 .. m0+MM-1; int8's
-// per-channel scale is applied by the caller. Each weight vector is loaded once for the MM
-// activation rows, each activation vector once for the R weight rows; every (weight row,
-// activation row) pair takes the same instructions in the same order whatever the tile, so a
-// result's bits do not depend on the tile that computed it.
+// A tile writes y[i] = sum over blocks of (activation scale * weight scale * integer dot) for the
+// weight row w and activation rows m0 .. m0+MM-1; int8's per-channel scale is applied by the
+// caller. Each weight vector is loaded once for the MM activation rows; every (weight row,
+// activation row) pair takes the same instructions in the same order whatever MM, so a result's
+// bits do not depend on the tile that computed it (a row decodes alike alone and in a batch).
+//
+// A weight row is read front to back, and the rows one after another: a single sequential stream,
+// which the hardware prefetcher follows best. Reading 4 rows at once with software prefetch 8 KiB
+// ahead streamed 1.3-2x slower on a 2-core AMD EPYC VM (one thread, weights 12x its L3; see
+// BENCHMARKS.md, "CPU kernels: one weight row at a time").
 
 #if MFS_AVX512
 
-// How far ahead of its loads each weight row is prefetched. The hardware prefetcher alone keeps too
-// few lines in flight on 2 cores: a 0.5B int8 decode step's mat-vecs streamed 21 GB/s without this,
-// 25 GB/s 1 KiB ahead, 27 GB/s 8 KiB ahead (int4: 16, 21, 26), in one C++ microbenchmark run.
-constexpr int64_t PREFETCH = 8192;
-
-template <int MM, int R>
-void int8_tile(const int8_t* w, int64_t row_bytes, const void*, int64_t, DType, int64_t, int64_t K, const Layout& L,
-               const uint8_t* ws, int64_t m0, float* y) {
+template <int MM>
+void int8_tile(const int8_t* w, const void*, DType, int64_t, int64_t K, const Layout& L, const uint8_t* ws,
+               int64_t m0, float* y) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));  // w + 128: vpdpbusd's unsigned operand
-  __m512 acc[R][MM];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MM; ++i) acc[r][i] = _mm512_setzero_ps();
-  auto step = [&](int64_t c, bool last32) {
-    __m512i wv[R];
-    for (int r = 0; r < R; ++r) {
-      const int8_t* p = w + r * row_bytes + 64 * c;
-      _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH), _MM_HINT_T0);
-      wv[r] = _mm512_xor_si512(last32 ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, p) : _mm512_loadu_si512(p), flip);
-    }
+  const int8_t* xq[MM];
+  const int32_t* bias[MM];
+  const float* lane_d[MM];
+  for (int i = 0; i < MM; ++i)
+    xq[i] = L.xq(ws, m0 + i), bias[i] = L.lane_bias(ws, m0 + i), lane_d[i] = L.lane_d(ws, m0 + i);
+  __m512 acc[2][MM];  // two chains a row: even and odd steps
+  for (int j = 0; j < 2; ++j)
+    for (int i = 0; i < MM; ++i) acc[j][i] = _mm512_setzero_ps();
+  auto step = [&](int64_t c, __m512i raw, int j) {  // inputs 64c .. 64c+63
+    const __m512i wv = _mm512_xor_si512(raw, flip);
     for (int i = 0; i < MM; ++i) {
-      const __m512i bias = _mm512_load_si512(L.lane_bias(ws, m0 + i) + 16 * c);
-      const __m512i xq = _mm512_load_si512(L.xq(ws, m0 + i) + 64 * c);
-      const __m512 d = _mm512_load_ps(L.lane_d(ws, m0 + i) + 16 * c);
-      for (int r = 0; r < R; ++r)
-        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias, wv[r], xq)), d, acc[r][i]);
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_load_si512(bias[i] + 16 * c), wv,
+                                              _mm512_load_si512(xq[i] + 64 * c));
+      acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(lane_d[i] + 16 * c), acc[j][i]);
     }
   };
   const int64_t full = K / 64;
-  for (int64_t c = 0; c < full; ++c) step(c, false);
-  if (K % 64) step(full, true);  // the last 32
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MM; ++i) y[r * MM + i] = _mm512_reduce_add_ps(acc[r][i]);
+  int64_t c = 0;
+  for (; c + 2 <= full; c += 2) {
+    step(c, _mm512_loadu_si512(w + 64 * c), 0);
+    step(c + 1, _mm512_loadu_si512(w + 64 * c + 64), 1);
+  }
+  if (c < full) step(c, _mm512_loadu_si512(w + 64 * c), 0);
+  if (K % 64) step(full, _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + 64 * full), 1);  // the last 32
+  for (int i = 0; i < MM; ++i) y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
 }
 
 // The scales of blocks b0 .. b0+15 (b0 a multiple of 16) of one weight row as fp32, zero past the
@@ -269,47 +269,45 @@ __m512 block_scales16(const void* s, DType t, int64_t b0, int64_t groups, int64_
   return _mm512_permutexvar_ps(_mm512_srlv_epi32(lane, _mm512_set1_epi32(log2)), v);
 }
 
-template <int MM, int R>
-void int4_tile(const uint8_t* w, int64_t row_bytes, const void* s, int64_t s_row_bytes, DType st, int64_t per_group,
-               int64_t K, const Layout& L, const uint8_t* ws, int64_t m0, float* y) {
+template <int MM>
+void int4_tile(const uint8_t* w, const void* s, DType st, int64_t per_group, int64_t K, const Layout& L,
+               const uint8_t* ws, int64_t m0, float* y) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  // lane l of a chunk holds inputs of block 4c + l / 4 (see prepare_row)
+  // lane l of chunk c holds inputs of block 4c + l / 4 (see prepare_row): its scale's index in a
+  // window of 16 blocks, for each of the window's 4 chunks
   const __m512i pattern = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i window[4] = {pattern, _mm512_add_epi32(pattern, _mm512_set1_epi32(4)),
+                             _mm512_add_epi32(pattern, _mm512_set1_epi32(8)),
+                             _mm512_add_epi32(pattern, _mm512_set1_epi32(12))};
   const int64_t blocks = K / BLOCK, groups = blocks / per_group, chunks = round_up(K, 128) / 128;
-  __m512 acc[R][MM];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MM; ++i) acc[r][i] = _mm512_setzero_ps();
+  const int8_t* xq[MM];
+  const int32_t* bias[MM];
+  const float* d[MM];
+  for (int i = 0; i < MM; ++i) xq[i] = L.xq(ws, m0 + i), bias[i] = L.lane_bias(ws, m0 + i), d[i] = L.d(ws, m0 + i);
+  __m512 acc[2][MM];  // two chains a row: even and odd chunks
+  for (int j = 0; j < 2; ++j)
+    for (int i = 0; i < MM; ++i) acc[j][i] = _mm512_setzero_ps();
   for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-    __m512 scale[R][MM];  // activation scale x weight scale, per block of the window
-    for (int r = 0; r < R; ++r) {
-      const __m512 sw = block_scales16(static_cast<const uint8_t*>(s) + r * s_row_bytes, st, b0, groups, per_group);
-      for (int i = 0; i < MM; ++i) scale[r][i] = _mm512_mul_ps(sw, _mm512_load_ps(L.d(ws, m0 + i) + b0));
-    }
-    const int64_t c_end = std::min(chunks, b0 / 4 + 4);
-    for (int64_t c = b0 / 4; c < c_end; ++c) {
-      const __m512i idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(int(4 * c - b0)));
+    const __m512 sw = block_scales16(s, st, b0, groups, per_group);
+    __m512 scale[MM];  // activation scale x weight scale, per block of the window
+    for (int i = 0; i < MM; ++i) scale[i] = _mm512_mul_ps(sw, _mm512_load_ps(d[i] + b0));
+    const int64_t c0 = b0 / 4, c_end = std::min(chunks, c0 + 4);
+    for (int64_t c = c0; c < c_end; ++c) {
       const int64_t bytes = std::min<int64_t>(64, K / 2 - 64 * c);  // 16, 32 or 48 in a last, partial chunk
-      __m512i lo[R], hi[R];
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* p = w + r * row_bytes + 64 * c;
-        _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH), _MM_HINT_T0);
-        const __m512i raw = bytes == 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), p);
-        lo[r] = _mm512_and_si512(raw, low4);
-        hi[r] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-      }
+      const __m512i raw = bytes == 64 ? _mm512_loadu_si512(w + 64 * c)
+                                      : _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), w + 64 * c);
+      const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      const int j = int(c & 1);
       for (int i = 0; i < MM; ++i) {
-        const __m512i bias = _mm512_load_si512(L.lane_bias(ws, m0 + i) + 16 * c);
-        const __m512i x_even = _mm512_load_si512(L.xq(ws, m0 + i) + 128 * c);
-        const __m512i x_odd = _mm512_load_si512(L.xq(ws, m0 + i) + 128 * c + 64);
-        for (int r = 0; r < R; ++r) {
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(bias, lo[r], x_even), hi[r], x_odd);
-          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, scale[r][i]), acc[r][i]);
-        }
+        const __m512i x_even = _mm512_load_si512(xq[i] + 128 * c), x_odd = _mm512_load_si512(xq[i] + 128 * c + 64);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_load_si512(bias[i] + 16 * c), lo, x_even),
+                                                hi, x_odd);
+        acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(window[c - c0], scale[i]),
+                                    acc[j][i]);
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MM; ++i) y[r * MM + i] = _mm512_reduce_add_ps(acc[r][i]);
+  for (int i = 0; i < MM; ++i) y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
 }
 
 #elif MFS_AVX2
@@ -321,7 +319,7 @@ float hsum(__m256 v) {
 }
 
 template <int MM>
-void int8_row(const int8_t* w, const void*, DType, int64_t, int64_t K, const Layout& L, const uint8_t* ws,
+void int8_tile(const int8_t* w, const void*, DType, int64_t, int64_t K, const Layout& L, const uint8_t* ws,
               int64_t m0, float* y) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MM];
@@ -340,7 +338,7 @@ void int8_row(const int8_t* w, const void*, DType, int64_t, int64_t K, const Lay
 }
 
 template <int MM>
-void int4_row(const uint8_t* w, const void* s, DType st, int64_t per_group, int64_t K, const Layout& L,
+void int4_tile(const uint8_t* w, const void* s, DType st, int64_t per_group, int64_t K, const Layout& L,
               const uint8_t* ws, int64_t m0, float* y) {
   const __m128i low4 = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -366,7 +364,7 @@ void int4_row(const uint8_t* w, const void* s, DType st, int64_t per_group, int6
 #else
 
 template <int MM>
-void int8_row(const int8_t* w, const void*, DType, int64_t, int64_t K, const Layout& L, const uint8_t* ws,
+void int8_tile(const int8_t* w, const void*, DType, int64_t, int64_t K, const Layout& L, const uint8_t* ws,
               int64_t m0, float* y) {
   for (int i = 0; i < MM; ++i) {
     const int8_t* x = L.xq(ws, m0 + i);
@@ -382,7 +380,7 @@ void int8_row(const int8_t* w, const void*, DType, int64_t, int64_t K, const Lay
 }
 
 template <int MM>
-void int4_row(const uint8_t* w, const void* s, DType st, int64_t per_group, int64_t K, const Layout& L,
+void int4_tile(const uint8_t* w, const void* s, DType st, int64_t per_group, int64_t K, const Layout& L,
               const uint8_t* ws, int64_t m0, float* y) {
   for (int i = 0; i < MM; ++i) {
     const int8_t* x = L.xq(ws, m0 + i);
@@ -400,64 +398,34 @@ void int4_row(const uint8_t* w, const void* s, DType st, int64_t per_group, int6
 
 #endif
 
-#if !MFS_AVX512
-
-// These paths take one weight row at a time.
-template <int MM, int R>
-void int8_tile(const int8_t* w, int64_t row_bytes, const void* s, int64_t s_row_bytes, DType st, int64_t per_group,
-               int64_t K, const Layout& L, const uint8_t* ws, int64_t m0, float* y) {
-  for (int r = 0; r < R; ++r)
-    int8_row<MM>(w + r * row_bytes, static_cast<const uint8_t*>(s) + r * s_row_bytes, st, per_group, K, L, ws, m0,
-                 y + r * MM);
-}
-
-template <int MM, int R>
-void int4_tile(const uint8_t* w, int64_t row_bytes, const void* s, int64_t s_row_bytes, DType st, int64_t per_group,
-               int64_t K, const Layout& L, const uint8_t* ws, int64_t m0, float* y) {
-  for (int r = 0; r < R; ++r)
-    int4_row<MM>(w + r * row_bytes, static_cast<const uint8_t*>(s) + r * s_row_bytes, st, per_group, K, L, ws, m0,
-                 y + r * MM);
-}
-
-#endif
-
-// The tiles of a format, as function pointers: Tile::fn<MM, R>.
+// The tiles of a format, as function pointers: Tile::fn<MM>.
 struct Int8Tile {
-  template <int MM, int R>
-  static constexpr auto fn = &int8_tile<MM, R>;
+  template <int MM>
+  static constexpr auto fn = &int8_tile<MM>;
 };
 
 struct Int4Tile {
-  template <int MM, int R>
-  static constexpr auto fn = &int4_tile<MM, R>;
+  template <int MM>
+  static constexpr auto fn = &int4_tile<MM>;
 };
 
-// Outputs [n0, n1): a batch of one row (a decode step of one sequence) takes weight rows ROWS at a
-// time, sharing each activation load among them; more rows take activation rows MAX_MM at a time
-// against each weight row, sharing each weight load among them.
+// Outputs [n0, n1), one weight row after another; activation rows MAX_MM at a time against each
+// weight row, sharing each weight load among them.
 template <typename Tile, typename W>
 void rows(const uint8_t* ws, int64_t M, int64_t K, const W* w, int64_t row_bytes, const void* scales, DType st,
           int64_t s_row_bytes, int64_t per_group, bool row_scale, void* out, DType ot, int64_t N, int64_t n0,
           int64_t n1) {
-  static constexpr decltype(Tile::template fn<1, 1>) by_rows[MAX_MM] = {
-      Tile::template fn<1, 1>, Tile::template fn<2, 1>, Tile::template fn<3, 1>, Tile::template fn<4, 1>};
+  static constexpr decltype(Tile::template fn<1>) by_rows[MAX_MM] = {Tile::template fn<1>, Tile::template fn<2>,
+                                                                     Tile::template fn<3>, Tile::template fn<4>};
   const Layout L(K);
-  auto row_scales = [&](int64_t n) { return static_cast<const uint8_t*>(scales) + n * s_row_bytes; };
-  auto store = [&](int64_t m, int64_t n, float v) {
-    store_scalar(out, ot, m * N + n, row_scale ? v * load_scalar(row_scales(n), st, 0) : v);
-  };
-  int64_t n = n0;
-  for (; M == 1 && n + ROWS <= n1; n += ROWS) {
-    float y[ROWS];
-    Tile::template fn<1, ROWS>(w + n * row_bytes, row_bytes, row_scales(n), s_row_bytes, st, per_group, K, L, ws, 0, y);
-    for (int r = 0; r < ROWS; ++r) store(0, n + r, y[r]);
-  }
-  for (; n < n1; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const void* s = static_cast<const uint8_t*>(scales) + n * s_row_bytes;
     for (int64_t m0 = 0; m0 < M; m0 += MAX_MM) {
       const int64_t mm = std::min<int64_t>(MAX_MM, M - m0);
       float y[MAX_MM];
-      by_rows[mm - 1](w + n * row_bytes, row_bytes, row_scales(n), s_row_bytes, st, per_group, K, L, ws, m0, y);
-      for (int64_t i = 0; i < mm; ++i) store(m0 + i, n, y[i]);
+      by_rows[mm - 1](w + n * row_bytes, s, st, per_group, K, L, ws, m0, y);
+      for (int64_t i = 0; i < mm; ++i)
+        store_scalar(out, ot, (m0 + i) * N + n, row_scale ? y[i] * load_scalar(s, st, 0) : y[i]);
     }
   }
 }
