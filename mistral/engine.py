@@ -240,14 +240,17 @@ class Engine:
                 "kv_blocks_free": self.pool.available,
             }
 
-    def serve_forever(self, stop: threading.Event) -> None:
-        """Run steps whenever there is work, until `stop` is set (the server's engine thread)."""
+    def serve_forever(self, stop: threading.Event, after_step: Callable[[], None] | None = None) -> None:
+        """Run steps whenever there is work, until `stop` is set (the server's engine thread), calling
+        `after_step()` after each (generate.py: wait until the step's tokens have left, handoff.py)."""
         while not stop.is_set():
             with self._cv:
                 while not self.has_work() and not stop.is_set():
                     self._cv.wait(timeout=0.5)
             if not stop.is_set():
                 self.step()
+                if after_step is not None:
+                    after_step()
 
     def run_until_idle(self) -> None:
         """Run steps on the calling thread until every queued and running sequence has finished
