@@ -359,7 +359,7 @@ class Engine:
         """The prompt tokens of `seq` from where it stands to `stop` into its blocks; after the last,
         its first token."""
         tokens = torch.tensor([seq.prompt[seq.length : stop]], dtype=torch.long, device=self.device)
-        self._chunk_read(seq, stop, self.prefill_step(tokens, seq.length, self._table(seq), stop))
+        self._chunk_read(seq, stop, self.prefill_step(tokens, seq.length, self._table(seq), stop, seq.id))
 
     def _table(self, seq: Sequence) -> torch.Tensor:
         """A prefilling sequence's own block table [1, n]: its row of the engine's table stays on the
