@@ -43,7 +43,7 @@ class Mistral:
     def __init__(self, model, tokenizer: Tokenizer, *, model_name: str = "mistral", max_seq_len: int = 8192,
                  **engine_options):
         """engine_options: the Engine's (engine.py): max_batch, fixed_batch_shape, max_waiting,
-        cuda_graphs, compile, kv_cache_gb, prefix_caching, prefill_chunk."""
+        cuda_graphs, compile, kv_cache_gb, prefix_caching, prefill_chunk, prefill_chunk_decay."""
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -111,7 +111,7 @@ class Mistral:
         first step compiles, ~10 s to a minute); kv_cache_gb: the KV cache's pool of blocks (default:
         max_batch x max_seq_len positions); prefix_caching: reuse the cached blocks of a prompt's
         prefix; prefill_chunk: read long prompts that many tokens per step, between the running rows'
-        decode steps.
+        decode steps; prefill_chunk_decay: past that position, chunks shrink as 1 / position.
         token: default the HF_TOKEN variable. quantize: "int8", "int4" or "int4-128" quantizes the
         linear layers while loading, tensor by tensor (see quantize.py); dtype is then the activations'.
         """

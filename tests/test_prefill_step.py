@@ -122,3 +122,29 @@ def test_the_contiguous_copy_follows_sequences_that_take_turns(model):  # noqa: 
     for (s, n, a), (s2, n2, b) in zip(long_calls, [c for c in calls_alone if c[1] == 16 or c[0] + c[1] == 70]):
         assert (s, n) == (s2, n2)
         assert torch.equal(a, b)
+
+
+def test_chunks_shrink_past_the_decay_position(model):  # noqa: F811
+    """With prefill_chunk_decay d, a chunk starting past position d reads prefill_chunk x d / position
+    tokens (at least 2); the answers alone and in company stay the same."""
+    prompt, other = tokens(13, 130), tokens(14, 20)
+    engine = Engine(model, max_batch=4, prefill_chunk=16, prefill_chunk_decay=32, fixed_batch_shape=True)
+    assert [engine.chunk_at(p) for p in (0, 32, 33, 48, 64, 100, 255, 10_000)] == [16, 16, 15, 10, 8, 5, 2, 2]
+    calls = recorded(engine)
+    alone = [run(engine, [p])[0][0] for p in (prompt, other)]
+    start, want = 0, []
+    while start < len(prompt):
+        want.append((start, min(engine.chunk_at(start), len(prompt) - start)))
+        start += want[-1][1]
+    assert want[:5] == [(0, 16), (16, 16), (32, 16), (48, 10), (58, 8)]
+    assert [(s, n) for s, n, _ in calls] == want + [(0, 16), (16, 4)]
+    engine = Engine(model, max_batch=4, prefill_chunk=16, prefill_chunk_decay=32, fixed_batch_shape=True)  # nothing cached
+    calls = recorded(engine)
+    together = [a for a, _, _ in run(engine, [prompt, other], together=True)]
+    assert together == alone
+    assert sorted((s, n) for s, n, _ in calls) == sorted(want + [(0, 16), (16, 4)])  # cut the same way in company
+
+
+def test_prefill_chunk_decay_needs_prefill_chunk(model):  # noqa: F811
+    with pytest.raises(ValueError, match="prefill_chunk_decay"):
+        Engine(model, max_batch=2, prefill_chunk_decay=64)
