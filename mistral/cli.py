@@ -522,6 +522,9 @@ def add_serve(sub) -> None:
                    help="don't reuse the cached keys and values of a prompt's prefix (a system prompt, earlier turns)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="read long prompts this many tokens per step, so running streams go on meanwhile (default 512)")
+    p.add_argument("--prefill-chunk-decay", type=int, default=None, metavar="POSITION",
+                   help="past this position, prompt chunks shrink as POSITION / position (at least 2 tokens), so "
+                        "that a late chunk's attention over the whole prefix costs about what an early one does")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's, one per core)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running answers may take to finish before they are cut (default 30)")
@@ -541,7 +544,8 @@ def cmd_serve(a) -> None:
     from .generate import Mistral
     from .server import create_app, uvicorn_config
 
-    for flag in ("port", "max_batch", "max_seq_len", "max_queue", "threads", "prefill_chunk", "kv_cache_gb"):
+    for flag in ("port", "max_batch", "max_seq_len", "max_queue", "threads", "prefill_chunk", "prefill_chunk_decay",
+                 "kv_cache_gb"):
         value = getattr(a, flag)
         if value is not None and value < (0 if flag == "port" else 1):
             raise MistralError(f"--{flag.replace('_', '-')} must be positive, got {value}")
@@ -572,7 +576,7 @@ def cmd_serve(a) -> None:
                                       max_batch=a.max_batch, max_seq_len=a.max_seq_len, model_name=a.served_model_name,
                                       fixed_batch_shape=True, max_waiting=a.max_queue, compile=a.compile,
                                       kv_cache_gb=a.kv_cache_gb, prefix_caching=not a.no_prefix_caching,
-                                      prefill_chunk=a.prefill_chunk)
+                                      prefill_chunk=a.prefill_chunk, prefill_chunk_decay=a.prefill_chunk_decay)
         if a.compile:
             print("mistral serve: compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
             llm.warm_up()

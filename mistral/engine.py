@@ -149,6 +149,7 @@ class Engine:
         kv_cache_gb: float | None = None,
         prefix_caching: bool = True,
         prefill_chunk: int | None = None,
+        prefill_chunk_decay: int | None = None,
         block_size: int = BLOCK_SIZE,
         mixed_prefill: bool | None = None,
     ):
@@ -163,6 +164,9 @@ class Engine:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        if prefill_chunk_decay is not None and (prefill_chunk is None or prefill_chunk_decay < 1):
+            raise ValueError(f"prefill_chunk_decay needs prefill_chunk and a positive position, got {prefill_chunk_decay}")
+        self.prefill_chunk_decay = prefill_chunk_decay
         if kv_cache_gb is None:  # every row its whole context, as a cache of one row per sequence would hold
             num_blocks = max_batch * -(-self.max_seq_len // block_size)
         else:
@@ -240,14 +244,17 @@ class Engine:
                 "kv_blocks_free": self.pool.available,
             }
 
-    def serve_forever(self, stop: threading.Event) -> None:
-        """Run steps whenever there is work, until `stop` is set (the server's engine thread)."""
+    def serve_forever(self, stop: threading.Event, after_step: Callable[[], None] | None = None) -> None:
+        """Run steps whenever there is work, until `stop` is set (the server's engine thread), calling
+        `after_step()` after each (generate.py: wait until the step's tokens have left, handoff.py)."""
         while not stop.is_set():
             with self._cv:
                 while not self.has_work() and not stop.is_set():
                     self._cv.wait(timeout=0.5)
             if not stop.is_set():
                 self.step()
+                if after_step is not None:
+                    after_step()
 
     def run_until_idle(self) -> None:
         """Run steps on the calling thread until every queued and running sequence has finished
@@ -330,18 +337,29 @@ class Engine:
     def _chunks(self) -> list[tuple[Sequence, int]]:
         """What this step reads of the prompts of the sequences holding a row, oldest first, as
         (sequence, where its chunk stops): all of them, or with `prefill_chunk`, chunks of that many
-        tokens while they fit in that many this step (always one), so that the running rows' next
-        decode step waits for about one chunk. A prompt's chunks are cut the same way whatever
-        else runs."""
-        chunk = self.prefill_chunk or self.max_seq_len
-        budget, chunks = chunk, []
+        tokens (`chunk_at`) while they fit in the first one's size this step (always one), so that
+        the running rows' next decode step waits for about one chunk. A prompt's chunks are cut by
+        their positions alone, the same way whatever else runs."""
+        budget, chunks = None, []
         for seq in self.prefilling:
-            size = min(chunk, len(seq.prompt) - seq.length)
-            if size > budget and budget < chunk:
+            size = min(self.chunk_at(seq.length), len(seq.prompt) - seq.length)
+            if budget is None:
+                budget = self.chunk_at(seq.length)
+            elif size > budget:
                 break
             budget -= size
             chunks.append((seq, seq.length + size))
         return chunks
+
+    def chunk_at(self, position: int) -> int:
+        """The most prompt tokens a chunk starting at `position` reads: `prefill_chunk` (all, without),
+        and with `prefill_chunk_decay` d, past position d, prefill_chunk x d / position (at least 2), so
+        that a late chunk's attention over its whole prefix costs about what a chunk at d costs."""
+        chunk = self.prefill_chunk or self.max_seq_len
+        d = self.prefill_chunk_decay
+        if d is not None and position > d:
+            chunk = min(chunk, max(2, chunk * d // position))
+        return chunk
 
     def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
         """Each chunk in a forward of its own: a chunk that fails finishes that sequence alone."""
@@ -356,7 +374,7 @@ class Engine:
         """The prompt tokens of `seq` from where it stands to `stop` into its blocks; after the last,
         its first token."""
         tokens = torch.tensor([seq.prompt[seq.length : stop]], dtype=torch.long, device=self.device)
-        self._chunk_read(seq, stop, self.prefill_step(tokens, seq.length, self._table(seq), stop))
+        self._chunk_read(seq, stop, self.prefill_step(tokens, seq.length, self._table(seq), stop, seq.id))
 
     def _table(self, seq: Sequence) -> torch.Tensor:
         """A prefilling sequence's own block table [1, n]: its row of the engine's table stays on the

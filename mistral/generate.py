@@ -29,6 +29,7 @@ import torch
 
 from .engine import Engine, GenerationParams
 from .errors import RequestError
+from .handoff import Handoff
 from .job import Job
 from .prepare import Prepared, prepare_chat, prepare_text
 from .prompt import encode_chat
@@ -42,7 +43,7 @@ class Mistral:
     def __init__(self, model, tokenizer: Tokenizer, *, model_name: str = "mistral", max_seq_len: int = 8192,
                  **engine_options):
         """engine_options: the Engine's (engine.py): max_batch, fixed_batch_shape, max_waiting,
-        cuda_graphs, compile, kv_cache_gb, prefix_caching, prefill_chunk."""
+        cuda_graphs, compile, kv_cache_gb, prefix_caching, prefill_chunk, prefill_chunk_decay."""
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -53,6 +54,7 @@ class Mistral:
         self.system_fingerprint = f"mistral-from-scratch-{model.ops.name}-{str(weight.dtype).removeprefix('torch.')}-{weight.device.type}"
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._handoff = Handoff()  # async streams' events, each step's out before the next (handoff.py)
 
     @property
     def max_seq_len(self) -> int:
@@ -109,7 +111,7 @@ class Mistral:
         first step compiles, ~10 s to a minute); kv_cache_gb: the KV cache's pool of blocks (default:
         max_batch x max_seq_len positions); prefix_caching: reuse the cached blocks of a prompt's
         prefix; prefill_chunk: read long prompts that many tokens per step, between the running rows'
-        decode steps.
+        decode steps; prefill_chunk_decay: past that position, chunks shrink as 1 / position.
         token: default the HF_TOKEN variable. quantize: "int8", "int4" or "int4-128" quantizes the
         linear layers while loading, tensor by tensor (see quantize.py); dtype is then the activations'.
         """
@@ -137,7 +139,8 @@ class Mistral:
         """Run the engine on a background thread, so that many callers can generate at once."""
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self.engine.serve_forever, args=(self._stop,), name="mistral-engine", daemon=True)
+            self._thread = threading.Thread(target=self.engine.serve_forever, args=(self._stop, self._handoff.flush),
+                                            name="mistral-engine", daemon=True)
             self._thread.start()
 
     def warm_up(self, *settings: dict) -> None:
@@ -246,7 +249,7 @@ class Mistral:
             raise RuntimeError("the async API needs the engine thread: call start() first")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job.submit(lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+        job.submit(lambda i, ev: self._handoff.send(loop, events.put_nowait, (i, ev)))
         try:
             for chunk in job.opening():
                 yield chunk

@@ -78,12 +78,24 @@ class PagedKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write xk, xv ([B, T, Hkv, D]) at positions input_pos[b] + t; return this layer's keys
         and values as [B, Hkv, length, D]."""
+        self.write(layer, input_pos, xk, xv)
+        return self.read(layer)
+
+    def write(self, layer: int, input_pos: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> None:
+        """Write xk, xv ([B, T, Hkv, D]) into the pool at positions input_pos[b] + t."""
         T, bs = xk.shape[1], self.block_size
         pos = input_pos[:, None] + torch.arange(T, device=xk.device)  # [B, T]
         blocks = self.block_table.gather(1, pos // bs)  # [B, T]
         self.k[layer][blocks, pos % bs] = xk  # the indexed view is [B, T, Hkv, D]
         self.v[layer][blocks, pos % bs] = xv
-        return self.read(layer)
+
+    def copy_in(self, copy_k: list[torch.Tensor], copy_v: list[torch.Tensor]) -> None:
+        """Gather row 0's `length` positions into a contiguous copy (StagedView's: [1, Hkv, S, D] a layer)."""
+        if self.length > 0:
+            for layer, (k, v) in enumerate(zip(copy_k, copy_v)):
+                pk, pv = self.read(layer)  # [1, Hkv, length, D]
+                k[:1, :, : self.length] = pk[:1]
+                v[:1, :, : self.length] = pv[:1]
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's keys and values of every row, gathered from its blocks: [B, Hkv, length, D]."""
@@ -97,6 +109,34 @@ class PagedKVCache:
 
         return gather(self.k[layer]), gather(self.v[layer])
 
+
+class StagedView(PagedKVCache):
+    """One prefilling sequence's view of the pool (its table [1, n]) that also keeps its keys and
+    values in a contiguous copy, and attention reads them from there: a prompt chunk late in a long
+    prompt then reads its prefix as it is, instead of gathering it block by block from the pool at
+    every layer of every chunk (8,000 positions: 544 blocks a layer, twice).
+
+        copy_k[layer], copy_v[layer]    [1, Hkv, max_seq_len, D]   position p at [0, :, p]
+
+    The copy must hold the sequence's positions before the chunk (`PrefillStep` sees to it, with
+    `PagedKVCache.copy_in`); the pool is written as by `PagedKVCache`, for the decode steps and the
+    prefix cache."""
+
+    def __init__(self, paged: PagedKVCache, copy_k: list[torch.Tensor], copy_v: list[torch.Tensor]):
+        super().__init__(paged.k, paged.v, paged.block_table, paged.length)
+        self.copy_k, self.copy_v = copy_k, copy_v
+
+    def update(
+        self, layer: int, input_pos: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write xk, xv ([1, T, Hkv, D]) at positions input_pos[0] + t, in the pool and the copy; this
+        layer's keys and values from the copy, [1, Hkv, length, D] views."""
+        self.write(layer, input_pos, xk, xv)
+        pos = input_pos[0] + torch.arange(xk.shape[1], device=xk.device)  # [T]
+        k, v = self.copy_k[layer], self.copy_v[layer]
+        k[0].index_copy_(1, pos, xk[0].transpose(0, 1))  # [Hkv, T, D] into [Hkv, max_seq_len, D]
+        v[0].index_copy_(1, pos, xv[0].transpose(0, 1))
+        return k[:, :, : self.length], v[:, :, : self.length]
 
 class PackedView:
     """The new tokens of several sequences in one forward, one token a row: tokens [N, 1], input_pos [N].

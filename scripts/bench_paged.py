@@ -12,7 +12,8 @@ stall      4 streaming clients; an 8,000-token prompt arrives while they stream.
            inter-token gap without it, and the p99 (and max) gap while it is read, with
            --prefill-chunk 512 vs one prefill (--prefill-chunk larger than the prompt), or --chunks;
            with --peer, each chunk size on the peer checkout too, right after this one's; with
-           --compile, the servers compile their decode steps (and this checkout its prompt chunks).
+           --compile, the servers compile their decode steps (and this checkout its prompt chunks); with
+           --decay, this checkout's servers shrink late chunks (--prefill-chunk-decay).
 mixed      the engine alone, in this process: 4 streams decoding while an 8,000-token prompt is read in
            --chunks chunks, each with mixed steps (the chunk in the streams' decode forward) and
            without, the two engines stepped in turn: decode-only step median, and median and p99 step
@@ -185,6 +186,8 @@ def main() -> None:
     ap.add_argument("--stall-after", type=float, default=3.0, help="seconds of streaming before the long prompt")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--chunks", default="512,100000", help="stall: the --prefill-chunk values to compare (>= 8704: one prefill)")
+    ap.add_argument("--decay", type=int, default=None,
+                    help="stall: this checkout's servers with --prefill-chunk-decay DECAY (not the peer's)")
     ap.add_argument("--compile", action="store_true",
                     help="stall: serve with --compile (compiled decode steps, and here compiled prompt chunks)")
     a = ap.parse_args()
@@ -222,17 +225,19 @@ def main() -> None:
             out.append("|---|---|---|---|---|---|---|")
             for chunk in a.chunks.split(","):
                 label = "one prefill" if int(chunk) >= 8704 else f"chunks of {chunk}"
+                decayed = f", decay {a.decay}" if a.decay else ""
                 for name, cwd in (("this", HERE), ("peer", a.peer)):
                     if cwd is None:
                         continue
-                    extra = ("--prefill-chunk", chunk, *(("--compile",) if a.compile else ()))
+                    extra = ("--prefill-chunk", chunk, *(("--compile",) if a.compile else ()),
+                             *(("--prefill-chunk-decay", str(a.decay)) if a.decay and name == "this" else ()))
                     process, url = serve(weights, extra, cwd, max_batch=8, max_seq_len=8704)
                     try:
                         r = asyncio.run(stall(url, a))
                     finally:
                         process.terminate()
                         process.wait(timeout=30)
-                    out.append(f"| {name} ({cwd}) | {label} | {r['median_gap']:.4f} | {r['p99_gap_during']:.4f} | "
+                    out.append(f"| {name} ({cwd}) | {label}{decayed if name == 'this' else ''} | {r['median_gap']:.4f} | {r['p99_gap_during']:.4f} | "
                                f"{r['max_gap_during']:.4f} | {r['p99_gap_during'] / r['median_gap']:.1f}x | {r['long_ttft']:.2f} |")
                     print(out[-1], flush=True)
         if "mixed" in only:
