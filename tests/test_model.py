@@ -148,8 +148,10 @@ def test_a_mixed_forward_equals_separate_forwards_and_transformers(checkpoints):
     expected = [oracle(seqs[0]).logits[0, 12:], oracle(seqs[1]).logits[0, 5:], oracle(seqs[2]).logits[0, 8:],
                 oracle(seqs[3]).logits[0]]
     assert rel_err(mixed, torch.cat(expected)) <= TOL
-    # narrowed to the rows whose logits a step samples from
-    assert torch.equal(model(tokens, positions, PackedView(parts), rows=torch.tensor([0, 1, 8]))[:, 0], mixed[[0, 1, 8]])
+    # narrowed to the rows whose logits a step samples from; not bitwise: a BLAS may block the output
+    # matmul differently for 3 rows than for 12 (AMD EPYC's does)
+    narrowed = model(tokens, positions, PackedView(parts), rows=torch.tensor([0, 1, 8]))[:, 0]
+    assert narrowed.shape == (3, args.vocab_size) and rel_err(narrowed, mixed[[0, 1, 8]]) <= 1e-6
 
 
 @torch.inference_mode()
