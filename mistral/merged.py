@@ -41,13 +41,54 @@ class MergedProjection(nn.Module):
         return self.ops.linear(x, self.weight).split(self.sizes, dim=-1)
 
 
+class MergedQuantizedProjection(nn.Module):
+    """The same for Int8Linear / Int4Linear layers (quantize.py): one layer of their class whose
+    weight and scales are theirs stacked by rows; each keeps views of its rows. A CPU kernel computes
+    every output row by the same instructions whatever the matrix's height, so the merged call gives
+    each projection the bits of its own call, with one activation quantization and one call instead
+    of three (or two)."""
+
+    def __init__(self, *linears: nn.Module):
+        super().__init__()
+        from .quantize import Int4Linear, Int8Linear
+
+        first = linears[0]
+        kind = type(first)
+        if kind not in (Int8Linear, Int4Linear) or any(type(linear) is not kind for linear in linears):
+            raise TypeError("quantized projections merge with their own kind: got "
+                            + ", ".join(type(linear).__name__ for linear in linears))
+        shape = (first.in_features, getattr(first, "group_size", None))
+        if any((linear.in_features, getattr(linear, "group_size", None)) != shape for linear in linears):
+            raise ValueError("quantized projections merge only with the same input size and group size")
+        self.sizes = [linear.out_features for linear in linears]
+        merged = kind(first.in_features, sum(self.sizes), *([first.group_size] if kind is Int4Linear else []))
+        for name in ("weight", "scales"):  # not checkpoint tensors: the projections' views are
+            merged.register_buffer(name, torch.cat([getattr(linear, name) for linear in linears]), persistent=False)
+            start = 0
+            for linear, rows in zip(linears, self.sizes):
+                setattr(linear, name, getattr(merged, name)[start : start + rows])  # the old copy is freed
+                start += rows
+        merged.cpu_matvec = first.cpu_matvec
+        if getattr(first, "cpu_packed", None) is not None:
+            merged.pack_for_cpu()
+            for linear in linears:  # their own packed copies would double the memory
+                linear.cpu_packed = linear.cpu_scales_and_zeros = None
+        self.linear = merged
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # [..., in] -> one [..., out_i] per projection
+        return self.linear(x).split(self.sizes, dim=-1)
+
+
 def merge_projections(model: Transformer) -> Transformer:
-    """Merge every layer's wq|wk|wv and w1|w3, in place (see the module's docstring)."""
+    """Merge every layer's wq|wk|wv and w1|w3, in place (see the module's docstring); plain Linear
+    layers, or quantized ones of one kind (MergedQuantizedProjection)."""
     for layer in model.layers:
         for module, method, linears in ((layer.attention, "project_qkv", ("wq", "wk", "wv")),
                                         (layer.feed_forward, "project_gate_up", ("w1", "w3"))):
             if method not in module.__dict__:
-                merged = MergedProjection(*(getattr(module, name) for name in linears))
+                parts = [getattr(module, name) for name in linears]
+                kind = MergedProjection if all(type(p) is Linear for p in parts) else MergedQuantizedProjection
+                merged = kind(*parts)
                 module.add_module(f"merged_{method}", merged)  # a submodule: `use_ops` reaches it
                 module.__dict__[method] = merged  # an instance attribute comes before the class's method
     return model

@@ -349,10 +349,15 @@ class QuantizedLoad:
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
 
     def finish(self, model: nn.Module) -> None:
-        """After the tensors are in place, on the CPU: with kernels="cpu" its mat-vec kernels, else
-        PyTorch's packed int4 layout (which costs the int4 weights' bytes again) where it applies."""
+        """After the tensors are in place, on the CPU: with kernels="cpu" its mat-vec kernels, each
+        layer's wq|wk|wv and w1|w3 merged into one call (merged.py), else PyTorch's packed int4
+        layout (which costs the int4 weights' bytes again) where it applies."""
         if model.ops.name == "cpu":
+            from .merged import merge_projections
+
             use_cpu_kernels(model)
+            if all(m.cpu_matvec for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))):
+                merge_projections(model)
         else:
             pack_for_cpu(model)
 
@@ -386,7 +391,9 @@ def write_quantized(source: str | Path, out: str | Path, quantization: "str | Qu
     ckpt = find_checkpoint(source, prefer)
     if read_quantization(ckpt.folder) is not None:
         raise CheckpointError(f"{ckpt.folder}: already quantized; quantize the full-precision checkpoint")
-    model = load_model(source, dtype=dtype, prefer=prefer, quantize=quantization, max_seq_len=1, quiet=True)
+    # kernels="torch": no merged projections, whose views of one matrix safetensors would refuse
+    model = load_model(source, dtype=dtype, prefer=prefer, quantize=quantization, max_seq_len=1, quiet=True,
+                       kernels="torch")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "consolidated.safetensors.partial"

@@ -1,6 +1,7 @@
 """Weight-only quantization (mistral/quantize.py): the layers against a dequantize-then-F.linear
 reference, the whole model against fp32, checkpoints written and read back, bad files refused."""
 
+import contextlib
 import json
 
 import pytest
@@ -175,6 +176,35 @@ def test_quantized_model_against_fp32_on_the_decode_path(fp32_model, spec):
     rel, top1, kl = model_error(ref, out)
     max_rel, min_top1, max_kl = BOUNDS[spec]
     assert rel < max_rel and top1 >= min_top1 and kl < max_kl, (rel, top1, kl)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "int4-128"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merged_quantized_projections_give_each_projection_its_own_bits(fp32_model, spec, dtype):
+    """With the CPU kernels, each layer's wq|wk|wv and w1|w3 are one call (merged.py); every output
+    row is computed alike whatever the matrix's height, so a decode step's logits equal those of the
+    separate calls bit for bit, batch rows and a prompt included; the checkpoint names and shapes
+    stay as they were."""
+    from mistral.merged import unmerged
+
+    folder, _ = fp32_model
+    model = load_model(folder, quantize=spec, dtype=dtype, kernels="auto")
+    plain = load_model(folder, quantize=spec, dtype=dtype, kernels="torch")
+    attention = model.layers[0].attention
+    assert "project_qkv" in attention.__dict__ and "project_gate_up" in model.layers[0].feed_forward.__dict__
+    assert attention.wq.weight.untyped_storage().data_ptr() == attention.wv.weight.untyped_storage().data_ptr()
+    assert {k: (v.shape, v.dtype) for k, v in model.state_dict().items()} == \
+           {k: (v.shape, v.dtype) for k, v in plain.state_dict().items()}
+    tokens = torch.randint(0, ARGS.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        runs = []
+        for merged in (True, False):
+            with contextlib.nullcontext() if merged else unmerged(model):
+                cache = model.new_cache(3, 16)
+                prompt = model(tokens[:, :8], torch.tensor([0]), cache)  # 24 rows: dequantized GEMMs
+                step = model(tokens[:, 8:], torch.tensor([8]), cache)  # 3 rows through the kernels
+                runs.append((prompt, step))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 # --- checkpoints --------------------------------------------------------------------------------
