@@ -20,6 +20,7 @@ one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -335,7 +336,17 @@ def _load(a, max_batch: int = 1):
     if a.compile:
         print("compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
         llm.warm_up(sampling_settings(a))
+    freeze_what_loading_left()
     return llm
+
+
+def freeze_what_loading_left() -> None:
+    """What loading and compiling left (dynamo's and inductor's graphs, guards and generated code:
+    ~500,000 objects for the small preset) stays for the process's life. Frozen, the collector no
+    longer walks it in each full collection, which took 250-420 ms every few seconds of serving the
+    small preset with --compile, every stream frozen meanwhile (BENCHMARKS.md, #17)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _print_stream(chunks) -> dict | None:
@@ -580,6 +591,7 @@ def cmd_serve(a) -> None:
         if a.compile:
             print("mistral serve: compiling the decode step (~10 s to a minute) ...", file=sys.stderr, flush=True)
             llm.warm_up()
+        freeze_what_loading_left()
         print(f"mistral serve: {llm.model_name} is ready at {url}", file=sys.stderr, flush=True)
         return llm
 

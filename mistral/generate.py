@@ -150,19 +150,29 @@ class Mistral:
         `Engine.warm_up_batches`), for each of `settings`, the sampling parameters to prepare for
         (dicts of create_completion's keyword arguments: temperature, top_p, ...), since each set of
         sampling features is a step of its own. By default: greedy, and sampling at temperature 1
-        (the API's default). Call it before `start()`."""
+        (the API's default). Call it before `start()`.
+
+        Each warm-up prompt fills one cache block but a position, and its two decode steps attend
+        over one block and then two: the compiled step's first graph is specialized to the first
+        length it sees (torch 2.13 equates it with the cache's static block size), and the second
+        length compiles the graph that serves every length after it. Without that, the first
+        answer longer than a block recompiled in the middle of serving (2.6 s on the small preset,
+        every stream frozen meanwhile)."""
         if self._thread is not None:
             raise RuntimeError("warm_up() runs the engine on the calling thread: call it before start()")
         from .progress import progress
 
-        prompt = self.tokenizer.encode("warm-up", bos=True)
+        words = self.tokenizer.encode("warm-up", bos=True)
+        filler = self.tokenizer.encode("up", bos=False) or words[-1:]
+        length = max(len(words), min(self.engine.cache.block_size - 1, self.max_seq_len - 3))
+        prompt = (words + filler * length)[:length]
         settings = settings or ({"temperature": 0.0}, {"temperature": 1.0})
         steps = [(setting, rows) for setting in settings for rows in self.engine.warm_up_batches()]
         for setting, rows in progress(steps, desc="warming up", unit="step"):
             req = CompletionRequest.parse({"prompt": prompt, **setting})
             gen = req.generation_params(prompt_len=len(prompt), prompt_param="prompt", max_seq_len=self.max_seq_len,
                                         vocab_size=self.model.args.vocab_size)
-            params = dataclasses.replace(gen, max_tokens=2, ignore_eos=True)  # a prefill, then one decode step
+            params = dataclasses.replace(gen, max_tokens=3, ignore_eos=True)  # a prefill, then two decode steps
             for _ in range(rows):
                 self.engine.add(prompt, params, lambda event: None)
             self.engine.run_until_idle()

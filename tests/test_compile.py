@@ -181,13 +181,15 @@ def test_warm_up_decodes_at_each_batch_size_that_compiles_apart(weights):
     llm = Mistral.from_pretrained(weights, device="cpu", kernels="torch", max_batch=3, max_seq_len=SEQ, quiet=True,
                                   compile=True)
     assert llm.engine.warm_up_batches() == [1, 2, 3]
-    llm.warm_up()  # greedy and sampled, at each of the three batch sizes
-    assert llm.engine.steps == 6 and not llm.engine.has_work() and llm.engine.decode_step.compiled is not None
+    llm.warm_up()  # greedy and sampled, at each of the three batch sizes: two decode steps each
+    assert llm.engine.steps == 12 and not llm.engine.has_work() and llm.engine.decode_step.compiled is not None
     llm.warm_up({"temperature": 0.7, "top_p": 0.9})
-    assert llm.engine.steps == 9 and llm.engine.decode_step.compiled is not None
+    assert llm.engine.steps == 18 and llm.engine.decode_step.compiled is not None
     prepared = compiled_graphs()
-    for n, temperature in ((1, 0.0), (2, 1.0), (3, 0.7)):  # warmed-up settings compile nothing more
-        llm.create_completion("Rivers:", max_tokens=3, n=n, temperature=temperature, top_p=0.9 if temperature == 0.7 else 1.0)
+    # warmed-up settings compile nothing more, at any length: 40 tokens run past the first cache
+    # block, whose length the first compiled graph is specialized to
+    for n, temperature in ((1, 0.0), (2, 1.0), (3, 0.7)):
+        llm.create_completion("Rivers:", max_tokens=40, n=n, temperature=temperature, top_p=0.9 if temperature == 0.7 else 1.0)
     assert compiled_graphs() == prepared > 0
     with pytest.raises(RequestError, match="top_p"):
         llm.warm_up({"top_p": 2})
