@@ -24,7 +24,6 @@ namespace mfs {
 namespace {
 
 constexpr int MAX_MM = 4;  // activation rows computed together against one read of a weight row
-constexpr int ROWS = 4;    // weight rows computed together against one read of a single activation row
 
 float bf16_bits_to_float(uint16_t h) {
   const uint32_t bits = uint32_t(h) << 16;
@@ -52,51 +51,32 @@ __m512 load16(const void* w, DType t, int64_t i) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// How far ahead of the loads each weight row is prefetched (see quant_matvec.cpp).
-constexpr int64_t PREFETCH_BYTES = 8192;
-
-// y[r * MM + i] = x[m0 + i] · w_r for MM rows of x (fp32, [M, K]) and R weight rows (w_r = w + r
-// rows); K a multiple of 16 is the fast part. Each weight vector is loaded once for the MM rows of
-// x, each vector of x once for the R weight rows; every pair takes the same instructions in the
-// same order whatever the tile.
-template <int MM, int R>
-void tile(const float* x, int64_t K, const void* w, DType wt, int64_t m0, float* y) {
-  const int64_t size = wt == F32 ? 4 : 2;
-  __m512 acc[R][MM][2];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MM; ++i) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
-  const auto* wb = static_cast<const uint8_t*>(w);
+// y[i] = x[m0 + i] · w for MM rows of x (fp32, [M, K]) and one weight row w; K a multiple of 16 is
+// the fast part. Each weight vector is loaded once for the MM rows of x; every pair takes the same
+// instructions in the same order whatever MM. One weight row at a time, front to back, with no
+// software prefetch: 4 rows at once with prefetch 8 KiB ahead streamed 1.1-2x slower on a 2-core
+// AMD EPYC (one thread, weights 12x its L3), as in quant_matvec.cpp.
+template <int MM>
+void row(const float* x, int64_t K, const void* w, DType wt, int64_t m0, float* y) {
+  __m512 acc[MM][2];
+  for (int i = 0; i < MM; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    __m512 w0[R], w1[R];
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* row = wb + r * K * size;
-      _mm_prefetch(reinterpret_cast<const char*>(row + k * size + PREFETCH_BYTES), _MM_HINT_T0);
-      if (wt == F32) _mm_prefetch(reinterpret_cast<const char*>(row + k * size + PREFETCH_BYTES + 64), _MM_HINT_T0);
-      w0[r] = load16(row, wt, k), w1[r] = load16(row, wt, k + 16);
-    }
+    const __m512 w0 = load16(w, wt, k), w1 = load16(w, wt, k + 16);
     for (int i = 0; i < MM; ++i) {
       const float* xi = x + (m0 + i) * K;
-      const __m512 x0 = _mm512_loadu_ps(xi + k), x1 = _mm512_loadu_ps(xi + k + 16);
-      for (int r = 0; r < R; ++r) {
-        acc[r][i][0] = _mm512_fmadd_ps(x0, w0[r], acc[r][i][0]);
-        acc[r][i][1] = _mm512_fmadd_ps(x1, w1[r], acc[r][i][1]);
-      }
+      acc[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xi + k), w0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xi + k + 16), w1, acc[i][1]);
     }
   }
   for (; k + 16 <= K; k += 16) {
-    for (int r = 0; r < R; ++r) {
-      const __m512 w0 = load16(wb + r * K * size, wt, k);
-      for (int i = 0; i < MM; ++i)
-        acc[r][i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + i) * K + k), w0, acc[r][i][0]);
-    }
+    const __m512 w0 = load16(w, wt, k);
+    for (int i = 0; i < MM; ++i) acc[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + i) * K + k), w0, acc[i][0]);
   }
-  for (int r = 0; r < R; ++r) {
-    for (int i = 0; i < MM; ++i) {
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i][0], acc[r][i][1]));
-      for (int64_t j = k; j < K; ++j) s += x[(m0 + i) * K + j] * weight_at(wb + r * K * size, wt, j);
-      y[r * MM + i] = s;
-    }
+  for (int i = 0; i < MM; ++i) {
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+    for (int64_t j = k; j < K; ++j) s += x[(m0 + i) * K + j] * weight_at(w, wt, j);
+    y[i] = s;
   }
 }
 
@@ -148,17 +128,6 @@ void row(const float* x, int64_t K, const void* w, DType wt, int64_t m0, float* 
 
 #endif
 
-#if !MFS_F_AVX512
-
-// These paths take one weight row at a time.
-template <int MM, int R>
-void tile(const float* x, int64_t K, const void* w, DType wt, int64_t m0, float* y) {
-  for (int r = 0; r < R; ++r)
-    row<MM>(x, K, static_cast<const uint8_t*>(w) + r * K * (wt == F32 ? 4 : 2), wt, m0, y + r * MM);
-}
-
-#endif
-
 }  // namespace
 
 const char* float_isa() {
@@ -185,23 +154,16 @@ void float_rows(const float* xf, int64_t M, int64_t K, const void* w, DType w_dt
     else
       static_cast<uint16_t*>(out)[m * N + n] = float_to_bf16_bits(v);
   };
-  int64_t n = n0;
-  // a single row of x (a decode step of one sequence): weight rows ROWS at a time
-  for (; M == 1 && n + ROWS <= n1; n += ROWS) {
-    float y[ROWS];
-    tile<1, ROWS>(xf, K, static_cast<const uint8_t*>(w) + n * row_bytes, w_dtype, 0, y);
-    for (int r = 0; r < ROWS; ++r) store(0, n + r, y[r]);
-  }
-  for (; n < n1; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     const void* wn = static_cast<const uint8_t*>(w) + n * row_bytes;
     for (int64_t m0 = 0; m0 < M; m0 += MAX_MM) {
       const int64_t mm = std::min<int64_t>(MAX_MM, M - m0);
       float y[MAX_MM];
       switch (mm) {
-        case 1: tile<1, 1>(xf, K, wn, w_dtype, m0, y); break;
-        case 2: tile<2, 1>(xf, K, wn, w_dtype, m0, y); break;
-        case 3: tile<3, 1>(xf, K, wn, w_dtype, m0, y); break;
-        default: tile<4, 1>(xf, K, wn, w_dtype, m0, y); break;
+        case 1: row<1>(xf, K, wn, w_dtype, m0, y); break;
+        case 2: row<2>(xf, K, wn, w_dtype, m0, y); break;
+        case 3: row<3>(xf, K, wn, w_dtype, m0, y); break;
+        default: row<4>(xf, K, wn, w_dtype, m0, y); break;
       }
       for (int64_t i = 0; i < mm; ++i) store(m0 + i, n, y[i]);
     }
