@@ -451,9 +451,14 @@ class Engine:
         to a multiple of 256 (fewer distinct lengths), or, with a fixed batch shape, the whole cache,
         since the GPU decode kernel splits its work by the length it is given."""
         n, limit = max(s.length for s in seqs) + 1, self.cache.max_seq_len  # a multiple of the block size
+        return attention_length(n, limit, self.attention_step())
+
+    def attention_step(self) -> int:
+        """What `_attention_length` rounds up to: the block size on the CPU; on a GPU 256, or the whole
+        cache with a fixed batch shape (one length)."""
         if self.device.type == "cpu":
-            return attention_length(n, limit, self.cache.block_size)
-        return limit if self.fixed_batch_shape else attention_length(n, limit, 256)
+            return self.cache.block_size
+        return self.cache.max_seq_len if self.fixed_batch_shape else 256
 
     def warm_up_batches(self) -> list[int]:
         """Decode batch sizes that each need their own preparation (a compiled graph, a CUDA graph

@@ -152,19 +152,21 @@ class Mistral:
         sampling features is a step of its own. By default: greedy, and sampling at temperature 1
         (the API's default). Call it before `start()`.
 
-        Each warm-up prompt fills one cache block but a position, and its two decode steps attend
-        over one block and then two: the compiled step's first graph is specialized to the first
-        length it sees (torch 2.13 equates it with the cache's static block size), and the second
-        length compiles the graph that serves every length after it. Without that, the first
-        answer longer than a block recompiled in the middle of serving (2.6 s on the small preset,
-        every stream frozen meanwhile)."""
+        Each warm-up prompt fills one attention step (`Engine.attention_step`: a cache block on the
+        CPU) but a position, and its two decode steps attend over one step and then two: the
+        compiled step's first graph is specialized to the first length it sees (torch 2.13 equates
+        it with the cache's static block size), and the second length compiles the graph that
+        serves every length after it. Without that, the first answer longer than a block
+        recompiled in the middle of serving (2.6 s on the small preset, every stream frozen
+        meanwhile)."""
         if self._thread is not None:
             raise RuntimeError("warm_up() runs the engine on the calling thread: call it before start()")
         from .progress import progress
 
         words = self.tokenizer.encode("warm-up", bos=True)
         filler = self.tokenizer.encode("up", bos=False) or words[-1:]
-        length = max(len(words), min(self.engine.cache.block_size - 1, self.max_seq_len - 3))
+        step = self.engine.attention_step()  # the whole cache: one length only, nothing to fill
+        length = len(words) if step >= self.max_seq_len else max(len(words), min(step - 1, self.max_seq_len - 3))
         prompt = (words + filler * length)[:length]
         settings = settings or ({"temperature": 0.0}, {"temperature": 1.0})
         steps = [(setting, rows) for setting in settings for rows in self.engine.warm_up_batches()]

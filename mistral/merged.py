@@ -20,6 +20,12 @@ from torch import nn
 from .model import TORCH_OPS, Linear, Transformer
 
 
+def stack_rows(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The tensors stacked along dim 0, and a view of each one's rows in the stack."""
+    merged = torch.cat(tensors)
+    return merged, list(merged.split([t.shape[0] for t in tensors]))
+
+
 class MergedProjection(nn.Module):
     """x @ [w_a | w_b | ...]ᵀ as one matmul, split back into each projection's output."""
 
@@ -28,12 +34,10 @@ class MergedProjection(nn.Module):
         for linear in linears:
             if type(linear) is not Linear:
                 raise TypeError(f"only plain Linear layers merge, got {type(linear).__name__} (a quantized or sharded model?)")
-        merged = torch.cat([linear.weight.detach() for linear in linears])  # [sum of out_features, in_features]
+        merged, views = stack_rows([linear.weight.detach() for linear in linears])  # [sum of out_features, in_features]
         self.sizes = [linear.weight.shape[0] for linear in linears]
-        start = 0
-        for linear, rows in zip(linears, self.sizes):
-            linear.weight = nn.Parameter(merged[start : start + rows], requires_grad=False)  # the old copy is freed
-            start += rows
+        for linear, view in zip(linears, views):
+            linear.weight = nn.Parameter(view, requires_grad=False)  # the old copy is freed
         self.register_buffer("weight", merged, persistent=False)  # not a checkpoint tensor
         self.ops = linears[0].ops if hasattr(linears[0], "ops") else TORCH_OPS
 
@@ -61,13 +65,13 @@ class MergedQuantizedProjection(nn.Module):
         if any((linear.in_features, getattr(linear, "group_size", None)) != shape for linear in linears):
             raise ValueError("quantized projections merge only with the same input size and group size")
         self.sizes = [linear.out_features for linear in linears]
-        merged = kind(first.in_features, sum(self.sizes), *([first.group_size] if kind is Int4Linear else []))
+        with torch.device("meta"):  # its own buffers are replaced at once: allocate none
+            merged = kind(first.in_features, sum(self.sizes), *([first.group_size] if kind is Int4Linear else []))
         for name in ("weight", "scales"):  # not checkpoint tensors: the projections' views are
-            merged.register_buffer(name, torch.cat([getattr(linear, name) for linear in linears]), persistent=False)
-            start = 0
-            for linear, rows in zip(linears, self.sizes):
-                setattr(linear, name, getattr(merged, name)[start : start + rows])  # the old copy is freed
-                start += rows
+            stacked, views = stack_rows([getattr(linear, name) for linear in linears])
+            merged.register_buffer(name, stacked, persistent=False)
+            for linear, view in zip(linears, views):
+                setattr(linear, name, view)  # the old copy is freed
         merged.cpu_matvec = first.cpu_matvec
         if getattr(first, "cpu_packed", None) is not None:
             merged.pack_for_cpu()

@@ -446,7 +446,7 @@ template <typename Tile, int MM, typename W>
 void rows_mm(const uint8_t* ws, int64_t m0, int64_t K, const W* w, int64_t row_bytes,
              const void* scales, DType st, int64_t s_row_bytes, int64_t per_group, void* out, DType ot,
              int64_t N, int64_t n0, int64_t n1) {
-  const Layout L(K);  // a local: a reference's fields could alias the stores to `out`
+  const Layout L(K);
   for (int64_t n = n0; n < n1; ++n) {
     const void* s = static_cast<const uint8_t*>(scales) + n * s_row_bytes;
     float y[MM];
