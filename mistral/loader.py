@@ -31,6 +31,7 @@ import torch
 from .args import ModelArgs
 from .devices import resolve_device
 from .formats import CONSOLIDATED, DTYPES, HF, as_dtype, dtype_name
+from .hugepages import to_huge_pages
 from .errors import CheckpointError
 from .model import Ops, Transformer
 from .ops import get_ops
@@ -307,6 +308,8 @@ def load_model(
     model.use_ops(get_ops(kernels, device))
     if plan is not None:
         plan.finish(model)
+    if device.type == "cpu":
+        to_huge_pages(model)  # the tensors loading allocated, in 2 MiB pages: a decode step streams them faster
     model.eval()
     log.info("loaded %s (%s format, %d tensors) on %s", ckpt.folder, ckpt.format, len(state), device)
     return model
