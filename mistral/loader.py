@@ -279,7 +279,11 @@ def load_model(
                     tensor = from_hf_layout(name, tensor, model.args)
                 # On CPU with the file's own dtype this is no copy: the parameter maps the file.
                 file_dtype = tensor.dtype
-                tensor = tensor.to(device=device, dtype=(dtype or tensor.dtype) if tensor.is_floating_point() else None)
+                if tensor.is_floating_point():
+                    target = dtype or file_dtype
+                    tensor = tensor.to(device, plan.float_dtype(name, file_dtype, target) if plan else target)
+                else:
+                    tensor = tensor.to(device)
                 if tensor.is_floating_point():
                     _check_finite(path, key, file_dtype, tensor)
                 if plan is not None:
@@ -297,10 +301,11 @@ def load_model(
         shown = missing if ckpt.format == CONSOLIDATED else [mistral_to_hf_name(m) for m in missing]
         more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
         raise CheckpointError(f"{ckpt.folder}: missing tensor(s) {', '.join(shown[:5])}{more} in {files}")
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    dtypes = {t.dtype for k, t in state.items() if t.is_floating_point() and not k.endswith(".scales")}
     if len(dtypes) > 1:  # mixed dtypes in the file and no dtype asked for: use the widest
         widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
-        state = {k: v.to(widest) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(plan.float_dtype(k, v.dtype, widest) if plan else widest) if v.is_floating_point() else v
+                 for k, v in state.items()}
 
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)

@@ -11,8 +11,9 @@ than triples the saving. Activations stay in the model's dtype; only the matrice
 Both are symmetric (no zero point). int8: scales = max |W| of the channel / 127. int4: scales =
 -(the group's value of largest magnitude) / 8, so that value is -8 exactly and all 16 levels are
 used (llama.cpp's q4_0 does the same). Scales are computed in fp32 from the checkpoint's values,
-rounded to the model's dtype, and the integers are rounded against that rounded scale, so
-`dequantize` gives back exactly what the layer computes with.
+rounded to the model's dtype (int4's to bf16 for an fp32 model: `Quantization.scale_dtype`), and
+the integers are rounded against that rounded scale, so `dequantize` gives back exactly what the
+layer computes with.
 
 Applied from outside the reference model, by a module swap (`quantize_model`): every `Linear`
 (the attention and feed-forward projections, and the output head) becomes an `Int8Linear` or
@@ -63,6 +64,16 @@ class Quantization:
         if method == "int4" and (not group or group.isdigit()):
             return cls("int4", int(group) if group else 32)
         raise ValueError(f"unknown quantization {spec!r}; use int8, int4 or int4-<group size> (e.g. int4-128)")
+
+    def scale_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The scales' dtype for a model computing in `dtype`: that dtype, except int4's scales for
+        an fp32 model, which are bf16: 4.5 bits a weight (the size of llama.cpp's q4_0, whose scales
+        are fp16) instead of 5, a tenth less for a decode step to read. A bf16 scale is within 2^-9
+        of the fp32 one, and the nibbles are rounded against it, so the error added is that
+        rounding's alone (BENCHMARKS.md has the error against fp32)."""
+        if self.method == "int4" and dtype == torch.float32:
+            return torch.bfloat16
+        return dtype
 
     def module(self, in_features: int, out_features: int) -> nn.Module:
         if self.method == "int8":
@@ -232,10 +243,15 @@ def _cpu_kernel_input(x: torch.Tensor) -> bool:
 
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """On the CPU with bf16/fp16 scales, give every Int4Linear PyTorch's packed layout (the loader
-    calls it after a quantized load; see Int4Linear.pack_for_cpu)."""
+    """On the CPU with bf16/fp16 activations and scales, give every Int4Linear PyTorch's packed
+    layout (the loader calls it after a quantized load; see Int4Linear.pack_for_cpu). An fp32
+    model's bf16 scales get none: the packed op computes in the scales' dtype. (A lone layer has no
+    model dtype to go by: its scales' dtype is taken for the activations'.)"""
+    norm = getattr(model, "norm", None)
+    dtype = norm.weight.dtype if norm is not None else None
     for module in model.modules():
-        if isinstance(module, Int4Linear) and module.weight.device.type == "cpu" and module.scales.dtype != torch.float32:
+        if (isinstance(module, Int4Linear) and module.weight.device.type == "cpu"
+                and module.scales.dtype != torch.float32 and module.scales.dtype == (dtype or module.scales.dtype)):
             module.pack_for_cpu()
     return model
 
@@ -271,7 +287,7 @@ def quantize_model(model: nn.Module, quantization: Quantization) -> nn.Module:
             if w.is_meta:
                 q = q.to("meta")
             else:
-                q.weight, q.scales = quantize_tensor(w.detach(), quantization, w.dtype)
+                q.weight, q.scales = quantize_tensor(w.detach(), quantization, quantization.scale_dtype(w.dtype))
             setattr(parent, name, q)
     return model
 
@@ -340,6 +356,14 @@ class QuantizedLoad:
         dtypes = {name: t.dtype for name, t in state.items() if not t.is_floating_point()}
         return cls(stored, True, {name: tuple(t.shape) for name, t in state.items()}, dtypes)
 
+    def float_dtype(self, name: str, file_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a float tensor takes in a model computing in `dtype`: that dtype, but int4's
+        scales as `Quantization.scale_dtype` says; a stored checkpoint's fp32 int4 scales stay fp32,
+        the values its nibbles were rounded against."""
+        if not name.endswith(".scales") or self.quantization.scale_dtype(dtype) == dtype:
+            return dtype
+        return file_dtype if self.stored and file_dtype == torch.float32 else self.quantization.scale_dtype(dtype)
+
     def check_dtype(self, path: Path, key: str, name: str, tensor: torch.Tensor) -> None:
         want = self.file_dtypes.get(name)
         if want is not None and tensor.dtype != want:
@@ -368,7 +392,7 @@ class QuantizedLoad:
         amax = None
         if self.row_max is not None and self.quantization.method == "int8":
             amax = self.row_max(name, tensor.float().abs().amax(dim=1))
-        weight, scales = quantize_tensor(tensor, self.quantization, tensor.dtype, amax)
+        weight, scales = quantize_tensor(tensor, self.quantization, self.quantization.scale_dtype(tensor.dtype), amax)
         return {name: weight, name.removesuffix("weight") + "scales": scales}
 
 

@@ -242,6 +242,41 @@ def test_hf_source_and_bf16_scales(tmp_path):
     torch.testing.assert_close(wq(x).double(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("spec", ["int8", "int4", "int4-128"])
+def test_scales_dtype_of_an_fp32_model(fp32_model, tmp_path, spec):
+    """int4's scales are bf16 for an fp32 model (q4_0's 4.5 bits a weight), int8's stay fp32; the
+    file keeps them so, a bf16 model has bf16 ones, and PyTorch's packed int4 copy (which computes in
+    the scales' dtype) is made for none of the fp32 model's layers."""
+    folder, _ = fp32_model
+    want = torch.bfloat16 if spec.startswith("int4") else torch.float32
+    model = load_model(folder, quantize=spec, kernels="torch")
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    assert layers and {m.scales.dtype for m in layers} == {want}
+    assert model.norm.weight.dtype == torch.float32
+    assert all(getattr(m, "cpu_packed", None) is None for m in layers)
+    out = write_quantized(folder, tmp_path / spec, spec)
+    assert load_file(out / "consolidated.safetensors")["layers.0.attention.wq.scales"].dtype == want
+    assert {m.scales.dtype for m in load_model(out).modules() if isinstance(m, (Int8Linear, Int4Linear))} == {want}
+    bf16 = load_model(folder, dtype="bfloat16", quantize=spec, kernels="torch")
+    assert {m.scales.dtype for m in bf16.modules() if isinstance(m, (Int8Linear, Int4Linear))} == {torch.bfloat16}
+
+
+def test_a_stored_checkpoints_fp32_int4_scales_stay_fp32(fp32_model, tmp_path):
+    """A file written with fp32 int4 scales (before they were bf16) loads with them as they are:
+    its nibbles were rounded against those values, and rounding them again would move every weight."""
+    folder, _ = fp32_model
+    out = write_quantized(folder, tmp_path / "q", "int4")
+    tensors = load_file(out / "consolidated.safetensors")
+    scales = {k: v for k, v in tensors.items() if k.endswith(".scales")}
+    fp32 = {k: v.float() + torch.where(torch.arange(v.shape[-1]) % 2 == 0, 2.0**-12, 0.0) * v.float()
+            for k, v in scales.items()}  # values no bf16 holds
+    save_file({**tensors, **fp32}, out / "consolidated.safetensors")
+    model = load_model(out)
+    wq = model.layers[0].attention.wq
+    assert wq.scales.dtype == torch.float32 and torch.equal(wq.scales, fp32["layers.0.attention.wq.scales"])
+    assert load_model(out, dtype="bfloat16").layers[0].attention.wq.scales.dtype == torch.bfloat16
+
+
 def test_cli_quantize_then_logits(fp32_model, tmp_path):
     folder, _ = fp32_model
     assert main(["quantize", str(folder), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
