@@ -308,6 +308,11 @@ def load_model(
                  for k, v in state.items()}
 
     model.load_state_dict(state, strict=True, assign=True)
+    n_tensors = len(state)
+    # The model holds the tensors now (its parameters wrap them): dropping these references lets
+    # the merge and the move below free each old copy as they replace it, not when this returns.
+    state.clear()
+    del tensor
     model.requires_grad_(False)
     model.init_freqs(device)
     model.use_ops(get_ops(kernels, device))
@@ -316,7 +321,7 @@ def load_model(
     if device.type == "cpu":
         to_huge_pages(model)  # the tensors loading allocated, in 2 MiB pages: a decode step streams them faster
     model.eval()
-    log.info("loaded %s (%s format, %d tensors) on %s", ckpt.folder, ckpt.format, len(state), device)
+    log.info("loaded %s (%s format, %d tensors) on %s", ckpt.folder, ckpt.format, n_tensors, device)
     return model
 
 

@@ -355,16 +355,20 @@ def node_client():
 @pytest.mark.parametrize("stream", [False, True])
 def test_reference_js_example(node_client, base, stream):
     env = {**os.environ, "BASE": base, "API_KEY": KEY, "STREAM": "true" if stream else "false"}
-    run = subprocess.run(["node", str(node_client)], env=env, capture_output=True, text=True, timeout=120)
+    quoted = node_client.parent / "quoted_log.mjs"  # what the example logs, as JSON (see that file)
+    run = subprocess.run(["node", "--import", quoted.as_uri(), str(node_client)], env=env, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     if not stream:
-        res = ChatCompletion.model_validate(json.loads(run.stdout))
+        res = ChatCompletion.model_validate(json.loads(json.loads(run.stdout)))
         assert res.model == MODEL and res.choices[0].finish_reason in ("stop", "length")
         return
     lines = run.stdout.split("\n")
     assert lines[-1] == ""
-    assert lines[-2] in ("stop", "length") and len(lines) >= 4  # the role chunk, content, the finish reason
-    assert "undefined" not in lines[:-2]  # every chunk before the last had a delta.content
+    assert "<undefined>" not in lines[:-2]  # every chunk before the last had a delta.content
+    logged = [json.loads(line) for line in lines[:-1]]
+    assert logged[-1] in ("stop", "length") and len(logged) >= 3  # the role chunk, content, the finish reason
+    assert all(isinstance(text, str) for text in logged[:-1])
 
 
 # --- batching ----------------------------------------------------------------------------------------
