@@ -80,11 +80,15 @@ def to_huge_pages(model: nn.Module) -> int:
     for size in sizes:
         offsets.append(total)
         total += -(-size // 4096) * 4096
-    region = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` for as long as a tensor lives on it
-    start = -arena.data_ptr() % HUGE_PAGE
+    try:
+        region = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arena = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` for as long as a tensor lives on it
+        start = -arena.data_ptr() % HUGE_PAGE
+        region.madvise(mmap.MADV_HUGEPAGE, start, total)  # before the first touch: the pages fault in huge
+    except (OSError, ValueError) as e:  # no address space for it (strict overcommit), or no THP after all
+        log.debug("tensors stay in their pages: %s", e)
+        return 0
     _regions.append((arena.data_ptr(), arena.data_ptr() + len(region), weakref.ref(region)))
-    region.madvise(mmap.MADV_HUGEPAGE, start, total)  # before the first touch: the pages fault in huge
     with torch.no_grad():
         for tensors, offset, size in zip(groups.values(), offsets, sizes):
             new = arena[start + offset:start + offset + size]

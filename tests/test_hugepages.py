@@ -97,3 +97,17 @@ def test_nothing_moves_without_transparent_huge_pages(folder, every_storage, mon
     ptrs = {name: t.data_ptr() for name, t in tensors(model).items()}
     assert hugepages.to_huge_pages(model) == 0
     assert {name: t.data_ptr() for name, t in tensors(model).items()} == ptrs
+
+
+def test_a_mapping_the_system_refuses_leaves_every_tensor_in_place(folder, every_storage, monkeypatch):
+    """Under strict overcommit the region's mmap can fail: loading goes on, the tensors where they were."""
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(hugepages.mmap, "mmap", refuse)
+    model = load_model(folder, quantize="int4", quiet=True)
+    reference_ptrs = {name: t.data_ptr() for name, t in tensors(model).items()}
+    assert hugepages.to_huge_pages(model) == 0
+    assert {name: t.data_ptr() for name, t in tensors(model).items()} == reference_ptrs
+    with torch.no_grad():
+        assert torch.isfinite(model(TOKENS)).all()
