@@ -3,9 +3,9 @@
 
     "torch"   PyTorch's own operators (no custom kernels): model.py's reference definitions, with two
               measures for the CPU swapped in below; each computes the same product, only faster
-    "cpu"     "torch", with the decode rows' fp32/bf16 mat-vecs in the hand-written C++ kernels of
-              `kernels.cpu` (built on first use by the system C++ compiler); the loader also gives
-              them a quantized model's int8/int4 layers (quantize.use_cpu_kernels)
+    "cpu"     "torch", with the decode rows' fp32/bf16 mat-vecs and attention in the hand-written C++
+              kernels of `kernels.cpu` (built on first use by the system C++ compiler); the loader
+              also gives them a quantized model's int8/int4 layers (quantize.use_cpu_kernels)
     "triton"  the fused kernels of this project's top-level `kernels` package (for CUDA GPUs; on a CPU
               they run under Triton's interpreter, for the tests)
     "auto"    "triton" on a CUDA device; on a CPU "cpu" where its kernels build, else "torch"
@@ -80,7 +80,23 @@ def cpu_kernel_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return cpu_linear(x, weight)
 
 
-CPU_OPS = dataclasses.replace(PYTORCH_OPS, name="cpu", linear=cpu_kernel_linear)
+def cpu_kernel_attention(xq, keys, values, input_pos, sliding_window):
+    """model.attention; a decode step's few new tokens (T <= 4) in fp32 or bf16 go to
+    kernels.cpu.decode_attention, which computes the same softmax in fp32 reading each cached key and
+    value row once for the query heads that share it: 10.8 against SDPA's 36.8 us a layer at 48
+    cached positions, 25.7 against 53.6 at 160 (BENCHMARKS.md). Longer inputs (prefill) keep
+    `cpu_attention`."""
+    floats = (torch.float32, torch.bfloat16)
+    if xq.device.type == "cpu" and xq.shape[1] <= 4 and xq.dtype in floats and keys.dtype in floats:
+        from kernels.cpu import decode_attention
+
+        return decode_attention(xq.contiguous(), keys.contiguous(), values.contiguous(), input_pos,
+                                sliding_window or 0)
+    return cpu_attention(xq, keys, values, input_pos, sliding_window)
+
+
+CPU_OPS = dataclasses.replace(PYTORCH_OPS, name="cpu", linear=cpu_kernel_linear,
+                              attention=per_sequence(cpu_kernel_attention))
 
 
 def cpu_kernels_error() -> str | None:

@@ -343,3 +343,68 @@ def test_cpu_backend_is_refused_off_the_cpu_in_one_line():
 
     with pytest.raises(ValueError, match="kernels='cpu' is for the CPU"):
         get_ops("cpu", "cuda")
+
+
+# --- decode attention -----------------------------------------------------------------------------
+
+
+def attention_float64(q, k, v, pos, window):
+    """Causal GQA written out in float64: row b's token t at pos[b] + t sees keys pos - window < j <= pos."""
+    B, T, H, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    out = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            p = int(pos[b]) + t
+            j = torch.arange(L)
+            seen = (j <= p) & ((j > p - window) if window else True)
+            for h in range(H):
+                g = h // (H // Hkv)
+                s = (k[b, g].double() @ q[b, t, h].double()) / D**0.5
+                w = torch.softmax(s.masked_fill(~seen, float("-inf")), 0)
+                out[b, t, h] = w @ v[b, g].double()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, T, H, Hkv, L, D, window", [
+    (1, 1, 12, 4, 37, 128, 0),   # a 0.5B decode step
+    (1, 1, 32, 8, 300, 128, 0),  # 7B's heads
+    (3, 2, 8, 2, 50, 64, 16),    # batch rows at different positions, a sliding window
+    (2, 4, 4, 4, 20, 48, 0),     # no grouping; D a multiple of the 16 lanes but not of 32
+    (2, 3, 6, 3, 9, 20, 3),      # D below the lane width
+])
+def test_decode_attention_equals_float64_attention(dtype, B, T, H, Hkv, L, D, window):
+    g = torch.Generator().manual_seed(B * 100 + L)
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((B, T, H, D), (B, Hkv, L, D), (B, Hkv, L, D)))
+    pos = torch.randint(0, L - T + 1, (B,), generator=g)  # slots past a row's tokens are stale: masked
+    out = cpu_kernels.decode_attention(q, k, v, pos, window)
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = attention_float64(q, k, v, pos, window)
+    tol = 2e-6 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+def test_the_cpu_backend_attends_with_it_in_decode_and_compiled():
+    from mistral.model import attention as reference
+    from mistral.ops import CPU_OPS
+
+    q, k, v = torch.randn(2, 1, 8, 32), torch.randn(2, 2, 30, 32), torch.randn(2, 2, 30, 32)
+    pos = torch.tensor([4, 29])
+    ref = reference(q, k, v, pos, None)
+    torch.testing.assert_close(CPU_OPS.attention(q, k, v, pos, None), ref, rtol=1e-5, atol=1e-6)
+    compiled = torch.compile(CPU_OPS.attention, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, pos, None), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(compiled(q, k, v, pos, None), cpu_kernels.decode_attention(q, k, v, pos, 0))
+
+
+@pytest.mark.parametrize("args, message", [
+    (((1, 1, 6, 8), (1, 4, 5, 8), (1, 4, 5, 8), [0], 0), "must be a multiple of Hkv"),
+    (((1, 1, 4, 8), (1, 2, 5, 8), (1, 2, 6, 8), [0], 0), "k and v must be"),
+    (((1, 1, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), [0, 1], 0), "pos must be int64 [1]"),
+    (((1, 1, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), [0], -1), "window must be >= 0"),
+])
+def test_decode_attention_names_what_is_wrong(args, message):
+    q, k, v, pos, window = args
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        cpu_kernels.decode_attention(torch.randn(q), torch.randn(k), torch.randn(v), torch.tensor(pos), window)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("quant_matvec.cpp", "float_matvec.cpp", "ops.cpp")
-HEADERS = ("quant_matvec.h", "float_matvec.h")
+SOURCES = ("quant_matvec.cpp", "float_matvec.cpp", "decode_attention.cpp", "ops.cpp")
+HEADERS = ("quant_matvec.h", "float_matvec.h", "decode_attention.h")
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-fPIC", "-shared", "-fopenmp")
 BLOCK = 32  # inputs per activation scale
 
@@ -85,6 +85,14 @@ def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if "library" not in _state:
         load()
     return torch.ops.mistral_cpu.matvec(x, weight)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal GQA of q [B, T, H, D] over k, v [B, Hkv, L, D]; row b's token t at position pos[b] + t sees
+    keys j with pos - window < j <= pos (window 0: all before it); [B, T, H, D] in q's dtype."""
+    if "library" not in _state:
+        load()
+    return torch.ops.mistral_cpu.decode_attention(q, k, v, pos, window)
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -170,3 +178,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mistral_cpu::matvec")
     def _(x, weight):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("mistral_cpu::decode_attention")
+    def _(q, k, v, pos, window):
+        return torch.empty_like(q)

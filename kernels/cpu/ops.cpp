@@ -3,6 +3,8 @@
 //   mistral_cpu::int8_matvec(Tensor x, Tensor weight, Tensor scales) -> Tensor
 //   mistral_cpu::int4_matvec(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor
 //   mistral_cpu::matvec(Tensor x, Tensor weight) -> Tensor          (fp32 / bf16 weights, float_matvec.h)
+//   mistral_cpu::decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, int window) -> Tensor
+//                                                                   (decode_attention.h)
 //
 // x [..., K] fp32 or bf16; the result [..., N] in x's dtype. The activation is quantized once, then
 // output channels are split across PyTorch's intra-op threads (at::parallel_for).
@@ -11,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "decode_attention.h"
 #include "float_matvec.h"
 #include "quant_matvec.h"
 
@@ -103,6 +106,32 @@ at::Tensor float_matvec(const at::Tensor& x, const at::Tensor& weight) {
   return out;
 }
 
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                            int64_t window) {
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&pos, "pos"}}) check_cpu_contiguous(*t, name);
+  const mfs::DType qt = dtype_of(q, "q"), kt = dtype_of(k, "k");
+  TORCH_CHECK_VALUE(v.scalar_type() == k.scalar_type(), "v must have k's dtype ", k.scalar_type(), ", got ",
+                    v.scalar_type());
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4, "q must be [B, T, H, D] and k [B, Hkv, L, D], got ", q.sizes(),
+                    " and ", k.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(), "k and v must be [", B, ", Hkv, L, ",
+                    D, "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "H = ", H, " must be a multiple of Hkv = ", Hkv);
+  TORCH_CHECK_VALUE(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == B, "pos must be int64 [", B,
+                    "], got ", pos.scalar_type(), " ", pos.sizes());
+  TORCH_CHECK_VALUE(window >= 0, "window must be >= 0 (0: none), got ", window);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (out.numel() == 0) return out;
+  // a group is ~4 * T * H / Hkv * L * D flops: hand out threads only when each gets enough of them
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, 4 * T * (H / Hkv) * L * D));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t g0, int64_t g1) {
+    mfs::decode_attention(q.data_ptr(), qt, k.data_ptr(), v.data_ptr(), kt, pos.data_ptr<int64_t>(), B, T, H, Hkv, L,
+                          D, window, out.data_ptr(), qt, g0, g1);
+  });
+  return out;
+}
+
 std::string isa() { return mfs::isa(); }
 
 }  // namespace
@@ -111,6 +140,7 @@ TORCH_LIBRARY(mistral_cpu, m) {
   m.def("int8_matvec(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_matvec(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor");
   m.def("matvec(Tensor x, Tensor weight) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, int window) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -118,4 +148,5 @@ TORCH_LIBRARY_IMPL(mistral_cpu, CPU, m) {
   m.impl("int8_matvec", &int8_matvec);
   m.impl("int4_matvec", &int4_matvec);
   m.impl("matvec", &float_matvec);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -1,0 +1,121 @@
+// decode_attention.h. One (batch row, key/value head) group at a time: its H / Hkv query heads times
+// T tokens attend together, so each key and value row is read once for all of them. The sums over
+// the head dimension run in 16 independent fp32 lanes (which the compiler vectorises without
+// reordering anything), and the softmax is the two-pass one: scores, then max, exp and sum.
+#include "decode_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace mfs {
+
+namespace {
+
+constexpr int LANES = 16;
+
+inline float load(const void* p, DType t, int64_t i) {
+  if (t == F32) return static_cast<const float*>(p)[i];
+  const uint32_t bits = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline void store(void* p, DType t, int64_t i, float f) {
+  if (t == F32) {
+    static_cast<float*>(p)[i] = f;
+    return;
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint16_t h = std::isnan(f) ? uint16_t((bits >> 16) | 0x40) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  static_cast<uint16_t*>(p)[i] = h;  // round to nearest even, as PyTorch
+}
+
+template <typename KV>
+inline float kv_at(const KV* p, int64_t i) {
+  if constexpr (sizeof(KV) == 4) {
+    return p[i];
+  } else {
+    const uint32_t bits = uint32_t(p[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+}
+
+// a · k_row over D (D a multiple of LANES for the lane loop; the rest one by one)
+template <typename KV>
+inline float dot(const float* a, const KV* k, int64_t D) {
+  float acc[LANES] = {};
+  int64_t d = 0;
+  for (; d + LANES <= D; d += LANES)
+    for (int i = 0; i < LANES; ++i) acc[i] += a[d + i] * kv_at(k, d + i);
+  float s = 0.f;
+  for (int i = 0; i < LANES; ++i) s += acc[i];
+  for (; d < D; ++d) s += a[d] * kv_at(k, d);
+  return s;
+}
+
+template <typename KV>
+void group(const void* q, DType qt, const KV* k, const KV* v, const int64_t* pos, int64_t b, int64_t kvh, int64_t T,
+           int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t window, void* out, DType ot) {
+  const int64_t G = H / Hkv, rows = G * T;
+  const float scale = 1.f / std::sqrt(float(D));
+  std::vector<float> qf(rows * D), scores(rows * L), acc(rows * D, 0.f);
+  std::vector<int64_t> lo(rows), hi(rows);  // the keys each row sees: [lo, hi)
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = t * G + g, h = kvh * G + g, p = pos[b] + t;
+      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = load(q, qt, ((b * T + t) * H + h) * D + d) * scale;
+      lo[r] = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      hi[r] = std::min<int64_t>(p + 1, L);
+    }
+  const KV* kb = k + (b * Hkv + kvh) * L * D;
+  const KV* vb = v + (b * Hkv + kvh) * L * D;
+  const int64_t j0 = *std::min_element(lo.begin(), lo.end()), j1 = *std::max_element(hi.begin(), hi.end());
+  for (int64_t j = j0; j < j1; ++j)  // each key row once, for every query row
+    for (int64_t r = 0; r < rows; ++r)
+      if (j >= lo[r] && j < hi[r]) scores[r * L + j] = dot(&qf[r * D], kb + j * D, D);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (lo[r] >= hi[r]) continue;
+    float m = -INFINITY, sum = 0.f;
+    for (int64_t j = lo[r]; j < hi[r]; ++j) m = std::max(m, scores[r * L + j]);
+    for (int64_t j = lo[r]; j < hi[r]; ++j) sum += scores[r * L + j] = std::exp(scores[r * L + j] - m);
+    const float inv = 1.f / sum;
+    for (int64_t j = lo[r]; j < hi[r]; ++j) scores[r * L + j] *= inv;
+  }
+  for (int64_t j = j0; j < j1; ++j)  // each value row once, for every query row
+    for (int64_t r = 0; r < rows; ++r) {
+      if (j < lo[r] || j >= hi[r]) continue;
+      const float p = scores[r * L + j];
+      float* a = &acc[r * D];
+      const KV* vj = vb + j * D;
+      for (int64_t d = 0; d < D; ++d) a[d] += p * kv_at(vj, d);
+    }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d)
+        store(out, ot, ((b * T + t) * H + kvh * G + g) * D + d, acc[(t * G + g) * D + d]);
+}
+
+}  // namespace
+
+void decode_attention(const void* q, DType qt, const void* k, const void* v, DType kvt, const int64_t* pos,
+                      int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t window,
+                      void* out, DType ot, int64_t g0, int64_t g1) {
+  (void)B;
+  for (int64_t i = g0; i < g1; ++i) {
+    const int64_t b = i / Hkv, kvh = i % Hkv;
+    if (kvt == F32)
+      group(q, qt, static_cast<const float*>(k), static_cast<const float*>(v), pos, b, kvh, T, H, Hkv, L, D, window,
+            out, ot);
+    else
+      group(q, qt, static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v), pos, b, kvh, T, H, Hkv, L, D,
+            window, out, ot);
+  }
+}
+
+}  // namespace mfs
