@@ -90,8 +90,8 @@ def cpu_kernel_attention(xq, keys, values, input_pos, sliding_window):
     if xq.device.type == "cpu" and xq.shape[1] <= 4 and xq.dtype in floats and keys.dtype in floats:
         from kernels.cpu import decode_attention
 
-        return decode_attention(xq.contiguous(), keys.contiguous(), values.contiguous(), input_pos,
-                                sliding_window or 0)
+        pos = input_pos.expand(xq.shape[0]).contiguous()  # [B]; one position may serve every row
+        return decode_attention(xq.contiguous(), keys.contiguous(), values.contiguous(), pos, sliding_window or 0)
     return cpu_attention(xq, keys, values, input_pos, sliding_window)
 
 

@@ -396,6 +396,8 @@ def test_the_cpu_backend_attends_with_it_in_decode_and_compiled():
     compiled = torch.compile(CPU_OPS.attention, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, pos, None), ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(compiled(q, k, v, pos, None), cpu_kernels.decode_attention(q, k, v, pos, 0))
+    one = torch.tensor([7])  # one position for every row, as the model allows
+    torch.testing.assert_close(CPU_OPS.attention(q, k, v, one, None), reference(q, k, v, one, None), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("args, message", [
