@@ -242,6 +242,10 @@ def load_model(
         plan.row_max = shard.row_max  # int8 scales of whole rows, for the ranks' column slices
     expected = plan.file_shapes if plan is not None else {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
+    def float_dtype(name: str, file_dtype: torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
+        # the model's dtype, but a quantized layer's scales as the plan says (QuantizedLoad.float_dtype)
+        return plan.float_dtype(name, file_dtype, model_dtype) if plan is not None else model_dtype
+
     state: dict[str, torch.Tensor] = {}
     seen_in: dict[str, Path] = {}
     bar = None
@@ -280,8 +284,7 @@ def load_model(
                 # On CPU with the file's own dtype this is no copy: the parameter maps the file.
                 file_dtype = tensor.dtype
                 if tensor.is_floating_point():
-                    target = dtype or file_dtype
-                    tensor = tensor.to(device, plan.float_dtype(name, file_dtype, target) if plan else target)
+                    tensor = tensor.to(device, float_dtype(name, file_dtype, dtype or file_dtype))
                 else:
                     tensor = tensor.to(device)
                 if tensor.is_floating_point():
@@ -304,8 +307,7 @@ def load_model(
     dtypes = {t.dtype for k, t in state.items() if t.is_floating_point() and not k.endswith(".scales")}
     if len(dtypes) > 1:  # mixed dtypes in the file and no dtype asked for: use the widest
         widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
-        state = {k: v.to(plan.float_dtype(k, v.dtype, widest) if plan else widest) if v.is_floating_point() else v
-                 for k, v in state.items()}
+        state = {k: v.to(float_dtype(k, v.dtype, widest)) if v.is_floating_point() else v for k, v in state.items()}
 
     model.load_state_dict(state, strict=True, assign=True)
     n_tensors = len(state)

@@ -251,7 +251,7 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
     dtype = norm.weight.dtype if norm is not None else None
     for module in model.modules():
         if (isinstance(module, Int4Linear) and module.weight.device.type == "cpu"
-                and module.scales.dtype != torch.float32 and module.scales.dtype == (dtype or module.scales.dtype)):
+                and module.scales.dtype == (dtype or module.scales.dtype) != torch.float32):
             module.pack_for_cpu()
     return model
 

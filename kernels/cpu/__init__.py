@@ -31,7 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("quant_matvec.cpp", "float_matvec.cpp", "decode_attention.cpp", "ops.cpp")
-HEADERS = ("quant_matvec.h", "float_matvec.h", "decode_attention.h")
+HEADERS = ("quant_matvec.h", "float_matvec.h", "decode_attention.h", "bf16.h")
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-fPIC", "-shared", "-fopenmp")
 BLOCK = 32  # inputs per activation scale
 

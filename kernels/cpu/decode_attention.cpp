@@ -6,8 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
+
+#include "bf16.h"
 
 namespace mfs {
 
@@ -15,35 +16,12 @@ namespace {
 
 constexpr int LANES = 16;
 
-inline float load(const void* p, DType t, int64_t i) {
-  if (t == F32) return static_cast<const float*>(p)[i];
-  const uint32_t bits = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline void store(void* p, DType t, int64_t i, float f) {
-  if (t == F32) {
-    static_cast<float*>(p)[i] = f;
-    return;
-  }
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  const uint16_t h = std::isnan(f) ? uint16_t((bits >> 16) | 0x40) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-  static_cast<uint16_t*>(p)[i] = h;  // round to nearest even, as PyTorch
-}
-
-template <typename KV>
+template <typename KV>  // float, or uint16_t holding bf16
 inline float kv_at(const KV* p, int64_t i) {
-  if constexpr (sizeof(KV) == 4) {
+  if constexpr (sizeof(KV) == 4)
     return p[i];
-  } else {
-    const uint32_t bits = uint32_t(p[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  }
+  else
+    return bf16_to_float(p[i]);
 }
 
 // a · k_row over D (D a multiple of LANES for the lane loop; the rest one by one)
@@ -64,12 +42,13 @@ void group(const void* q, DType qt, const KV* k, const KV* v, const int64_t* pos
            int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t window, void* out, DType ot) {
   const int64_t G = H / Hkv, rows = G * T;
   const float scale = 1.f / std::sqrt(float(D));
-  std::vector<float> qf(rows * D), scores(rows * L), acc(rows * D, 0.f);
+  std::vector<float> work(rows * (2 * D + L), 0.f);  // each query row's scaled query, its scores, its output
+  float *qf = work.data(), *scores = qf + rows * D, *acc = scores + rows * L;
   std::vector<int64_t> lo(rows), hi(rows);  // the keys each row sees: [lo, hi)
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = t * G + g, h = kvh * G + g, p = pos[b] + t;
-      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = load(q, qt, ((b * T + t) * H + h) * D + d) * scale;
+      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = load_scalar(q, qt, ((b * T + t) * H + h) * D + d) * scale;
       lo[r] = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
       hi[r] = std::min<int64_t>(p + 1, L);
     }
@@ -98,15 +77,14 @@ void group(const void* q, DType qt, const KV* k, const KV* v, const int64_t* pos
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; ++d)
-        store(out, ot, ((b * T + t) * H + kvh * G + g) * D + d, acc[(t * G + g) * D + d]);
+        store_scalar(out, ot, ((b * T + t) * H + kvh * G + g) * D + d, acc[(t * G + g) * D + d]);
 }
 
 }  // namespace
 
 void decode_attention(const void* q, DType qt, const void* k, const void* v, DType kvt, const int64_t* pos,
-                      int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t window,
-                      void* out, DType ot, int64_t g0, int64_t g1) {
-  (void)B;
+                      int64_t T, int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t window, void* out, DType ot,
+                      int64_t g0, int64_t g1) {
   for (int64_t i = g0; i < g1; ++i) {
     const int64_t b = i / Hkv, kvh = i % Hkv;
     if (kvt == F32)

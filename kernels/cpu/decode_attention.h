@@ -20,7 +20,7 @@ namespace mfs {
 
 // Rows [g0, g1) of the B * Hkv (batch row, key/value head) groups: callers split them across threads.
 void decode_attention(const void* q, DType qt, const void* k, const void* v, DType kvt, const int64_t* pos,
-                      int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t window,
-                      void* out, DType ot, int64_t g0, int64_t g1);
+                      int64_t T, int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t window, void* out, DType ot,
+                      int64_t g0, int64_t g1);
 
 }  // namespace mfs

@@ -8,8 +8,9 @@
 // differ from it and from each other only in the order of the sums.
 #include "float_matvec.h"
 
+#include "bf16.h"
+
 #include <algorithm>
-#include <cstring>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define MFS_F_AVX512 1
@@ -24,24 +25,6 @@ namespace mfs {
 namespace {
 
 constexpr int MAX_MM = 4;  // activation rows computed together against one read of a weight row
-
-float bf16_bits_to_float(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-uint16_t float_to_bf16_bits(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu)) return uint16_t((bits >> 16) | 0x40);
-  return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
-float weight_at(const void* w, DType t, int64_t i) {
-  return t == F32 ? static_cast<const float*>(w)[i] : bf16_bits_to_float(static_cast<const uint16_t*>(w)[i]);
-}
 
 #if MFS_F_AVX512
 
@@ -75,7 +58,7 @@ void row(const float* x, int64_t K, const void* w, DType wt, int64_t m0, float* 
   }
   for (int i = 0; i < MM; ++i) {
     float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
-    for (int64_t j = k; j < K; ++j) s += x[(m0 + i) * K + j] * weight_at(w, wt, j);
+    for (int64_t j = k; j < K; ++j) s += x[(m0 + i) * K + j] * load_scalar(w, wt, j);
     y[i] = s;
   }
 }
@@ -110,7 +93,7 @@ void row(const float* x, int64_t K, const void* w, DType wt, int64_t m0, float* 
   }
   for (int i = 0; i < MM; ++i) {
     float s = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
-    for (int64_t j = k; j < K; ++j) s += x[(m0 + i) * K + j] * weight_at(w, wt, j);
+    for (int64_t j = k; j < K; ++j) s += x[(m0 + i) * K + j] * load_scalar(w, wt, j);
     y[i] = s;
   }
 }
@@ -121,7 +104,7 @@ template <int MM>
 void row(const float* x, int64_t K, const void* w, DType wt, int64_t m0, float* y) {
   for (int i = 0; i < MM; ++i) {
     float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += x[(m0 + i) * K + k] * weight_at(w, wt, k);
+    for (int64_t k = 0; k < K; ++k) s += x[(m0 + i) * K + k] * load_scalar(w, wt, k);
     y[i] = s;
   }
 }
@@ -142,18 +125,12 @@ const char* float_isa() {
 
 void float_prepare(const void* x, DType x_dtype, int64_t M, int64_t K, float* xf) {
   for (int64_t i = 0; i < M * K; ++i)
-    xf[i] = x_dtype == F32 ? static_cast<const float*>(x)[i] : bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]);
+    xf[i] = load_scalar(x, x_dtype, i);
 }
 
 void float_rows(const float* xf, int64_t M, int64_t K, const void* w, DType w_dtype, void* out, DType out_dtype,
                 int64_t N, int64_t n0, int64_t n1) {
   const int64_t row_bytes = K * (w_dtype == F32 ? 4 : 2);
-  auto store = [&](int64_t m, int64_t n, float v) {
-    if (out_dtype == F32)
-      static_cast<float*>(out)[m * N + n] = v;
-    else
-      static_cast<uint16_t*>(out)[m * N + n] = float_to_bf16_bits(v);
-  };
   for (int64_t n = n0; n < n1; ++n) {
     const void* wn = static_cast<const uint8_t*>(w) + n * row_bytes;
     for (int64_t m0 = 0; m0 < M; m0 += MAX_MM) {
@@ -165,7 +142,7 @@ void float_rows(const float* xf, int64_t M, int64_t K, const void* w, DType w_dt
         case 3: row<3>(xf, K, wn, w_dtype, m0, y); break;
         default: row<4>(xf, K, wn, w_dtype, m0, y); break;
       }
-      for (int64_t i = 0; i < mm; ++i) store(m0 + i, n, y[i]);
+      for (int64_t i = 0; i < mm; ++i) store_scalar(out, out_dtype, (m0 + i) * N + n, y[i]);
     }
   }
 }

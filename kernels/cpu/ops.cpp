@@ -126,8 +126,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   // a group is ~4 * T * H / Hkv * L * D flops: hand out threads only when each gets enough of them
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, 4 * T * (H / Hkv) * L * D));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t g0, int64_t g1) {
-    mfs::decode_attention(q.data_ptr(), qt, k.data_ptr(), v.data_ptr(), kt, pos.data_ptr<int64_t>(), B, T, H, Hkv, L,
-                          D, window, out.data_ptr(), qt, g0, g1);
+    mfs::decode_attention(q.data_ptr(), qt, k.data_ptr(), v.data_ptr(), kt, pos.data_ptr<int64_t>(), T, H, Hkv, L, D,
+                          window, out.data_ptr(), qt, g0, g1);
   });
   return out;
 }

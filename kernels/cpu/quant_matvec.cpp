@@ -12,6 +12,8 @@
 // the order of the fp32 sums across blocks.
 #include "quant_matvec.h"
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -60,31 +62,6 @@ struct Layout {
   const float* lane_d(const uint8_t* ws, int64_t m) const { return lane_d(const_cast<uint8_t*>(ws), m); }
   const int32_t* lane_bias(const uint8_t* ws, int64_t m) const { return lane_bias(const_cast<uint8_t*>(ws), m); }
 };
-
-float bf16_to_float(uint16_t h) {
-  uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even, as PyTorch; NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if (std::isnan(f)) return uint16_t((bits >> 16) | 0x40);
-  return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
-float load_scalar(const void* p, DType t, int64_t i) {
-  return t == F32 ? static_cast<const float*>(p)[i] : bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-}
-
-void store_scalar(void* p, DType t, int64_t i, float v) {
-  if (t == F32)
-    static_cast<float*>(p)[i] = v;
-  else
-    static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
-}
 
 // The quantization every path shares: block scale and rounding, in the order the header states.
 [[maybe_unused]] void quantize_block(const void* x, DType t, int64_t k0, int8_t* q, float* d, int32_t* sx) {
