@@ -34,6 +34,41 @@ log = logging.getLogger("mistral")
 # decode steps 5-25% faster here.
 FORWARD_OPTIONS = {"realize_opcount_threshold": 0}
 
+# dynamo's settings while it traces a decode step and builds its guards (set around each call, so
+# other compiled functions of the process keep theirs; they are read only when a step is compiled):
+#   specialize_float                    the model's float constants (each RMSNorm's eps) are constants of
+#                                       the graph, not 33 scalar inputs wrapped into tensors each call
+#   enable_cpp_symbolic_shape_guards    the guards on the step's few ints checked in C++, not Python
+#   use_recursive_dict_tags_for_guards  a module whose __dict__ is unchanged since the last call (dicts
+#                                       carry a version tag) is not checked attribute by attribute
+# The step is a function of persistent tensors (rows.py), so none of this can change what it computes.
+# Together, on a 0.5B int4 step: dynamo's guards 0.65 -> 0.45 ms, its pre-graph code 0.19 -> 0.07 ms.
+TRACE_CONFIG = {"specialize_float": True, "enable_cpp_symbolic_shape_guards": True,
+                "use_recursive_dict_tags_for_guards": True}
+
+
+class TraceConfig:
+    """`with TRACE_SETTINGS:` dynamo's config set to TRACE_CONFIG (each setting this torch has), then put
+    back: ~12 us, where `torch._dynamo.config.patch` takes ~80. Process-wide while it lasts, as dynamo's
+    config is; the engine's steps run on one thread."""
+
+    def __init__(self, settings: dict[str, bool]):
+        self.settings = {name: value for name, value in settings.items() if hasattr(torch._dynamo.config, name)}
+        self.saved: list = []
+
+    def __enter__(self) -> None:
+        config = torch._dynamo.config
+        self.saved = [getattr(config, name) for name in self.settings]
+        for name, value in self.settings.items():
+            setattr(config, name, value)
+
+    def __exit__(self, *exc) -> None:
+        for name, value in zip(self.settings, self.saved):
+            setattr(torch._dynamo.config, name, value)
+
+
+TRACE_SETTINGS = TraceConfig(TRACE_CONFIG)
+
 
 class DecodeStep:
     """`step(batch, flags, length)`: rows 0..batch-1 one token further, attending over `length` cache
@@ -176,7 +211,12 @@ class DecodeStep:
         # UnboundLocalError or, with in-place buffers off, sampled wrong tokens.
         plain = torch.compile(self.advance, dynamic=True, fullgraph=True, options=FORWARD_OPTIONS, **limit)
         filtering = torch.compile(self.advance_filtering, dynamic=True, fullgraph=True, **limit)
-        return lambda batch, flags, length: (filtering if flags.filtering else plain)(batch, flags, length)
+
+        def step(batch: int, flags: BatchFlags, length: int):
+            with TRACE_SETTINGS:
+                return (filtering if flags.filtering else plain)(batch, flags, length)
+
+        return step
 
     # --- CUDA graphs (see cuda_graphs.py) -------------------------------------------------------------
 

@@ -13,7 +13,10 @@ holds: rows with nothing to do (a decode batch covers every row below its highes
 there, and attention masks what it reads there.
 
 `PagedKVCache` has the contiguous `model.KVCache`'s interface (`view`, `update`, `read`): `read`
-gathers a row's blocks into [B, Hkv, L, D], so the model and its attention stay as they are.
+gathers a row's blocks into [B, Hkv, L, D], so the model and its attention stay as they are. An
+attention that reads blocks where they lie (the "cpu" backend's, for decode steps: mistral/ops.py)
+gets `Pages` from `update` instead, and no copy is made: a cache built with `in_place=True` (as
+`Transformer.new_paged_cache` builds it when `ops.attention.reads_pages` says so).
 
 `PackedView` is the view of a mixed step (engine.py): the decode rows' tokens and prompt chunks in
 one forward, one token a row, so that the linear layers read their weights once for all of them;
@@ -33,20 +36,41 @@ from .args import ModelArgs
 BLOCK_SIZE = 16
 
 
+class Pages:
+    """One layer's keys (or values) as the pool holds them, for an attention that reads them in place:
+    row b's position j is pool[block_table[b, j // block_size], j % block_size] ([Hkv, D]), for j <
+    length. `gather()` is the [B, Hkv, length, D] tensor `PagedKVCache.read` would have given."""
+
+    def __init__(self, pool: torch.Tensor, block_table: torch.Tensor, length: int):
+        self.pool = pool  # [num_blocks, block_size, Hkv, D]
+        self.block_table = block_table  # [B, n] int64
+        self.length = length
+
+    def gather(self) -> torch.Tensor:
+        bs = self.pool.shape[1]
+        table = self.block_table[:, : -(-self.length // bs)]  # [B, n]
+        B, n = table.shape
+        # index_select copies whole blocks: on a CPU twice as fast as the same gather by pool[table]
+        rows = self.pool.index_select(0, table.reshape(-1))  # [B·n, block_size, Hkv, D]
+        return rows.view(B, n * bs, *self.pool.shape[2:])[:, : self.length].transpose(1, 2)
+
+
 class PagedKVCache:
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], block_table: torch.Tensor, length: int):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], block_table: torch.Tensor, length: int,
+                 in_place: bool = False):
         self.k, self.v = k, v
         self.block_table = block_table  # [B, blocks per row] int64
         self.length = length  # positions attention reads
+        self.in_place = in_place  # update() returns Pages (attention reads the pool) rather than a gathered copy
 
     @classmethod
     def allocate(cls, args: ModelArgs, num_blocks: int, max_batch: int, max_seq_len: int,
-                 block_size: int = BLOCK_SIZE, device=None, dtype=None) -> "PagedKVCache":
+                 block_size: int = BLOCK_SIZE, device=None, dtype=None, in_place: bool = False) -> "PagedKVCache":
         shape = (num_blocks, block_size, args.n_kv_heads, args.head_dim)
         k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         table = torch.zeros(max_batch, -(-max_seq_len // block_size), dtype=torch.long, device=device)
-        return cls(k, v, table, table.shape[1] * block_size)
+        return cls(k, v, table, table.shape[1] * block_size, in_place)
 
     @property
     def block_size(self) -> int:
@@ -71,15 +95,22 @@ class PagedKVCache:
     def with_table(self, block_table: torch.Tensor, length: int | None = None) -> "PagedKVCache":
         """The same pool read and written through `block_table` ([B, n] int64, n ≥ length / block_size)."""
         length = self.max_seq_len if length is None else min(length, self.max_seq_len)
-        return PagedKVCache(self.k, self.v, block_table, length)
+        return PagedKVCache(self.k, self.v, block_table, length, self.in_place)
 
     def update(
         self, layer: int, input_pos: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[Pages, Pages]:
         """Write xk, xv ([B, T, Hkv, D]) at positions input_pos[b] + t; return this layer's keys
-        and values as [B, Hkv, length, D]."""
+        and values as [B, Hkv, length, D] (`in_place`: as `Pages`)."""
         self.write(layer, input_pos, xk, xv)
+        if self.in_place:
+            return self.pages(layer)
         return self.read(layer)
+
+    def pages(self, layer: int) -> tuple[Pages, Pages]:
+        """This layer's keys and values where they lie in the pool."""
+        return (Pages(self.k[layer], self.block_table, self.length),
+                Pages(self.v[layer], self.block_table, self.length))
 
     def write(self, layer: int, input_pos: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> None:
         """Write xk, xv ([B, T, Hkv, D]) into the pool at positions input_pos[b] + t."""
@@ -99,15 +130,8 @@ class PagedKVCache:
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's keys and values of every row, gathered from its blocks: [B, Hkv, length, D]."""
-        table = self.block_table[:, : -(-self.length // self.block_size)]  # [B, n]
-        B, n = table.shape
-
-        def gather(pool: torch.Tensor) -> torch.Tensor:
-            # index_select copies whole blocks: on a CPU twice as fast as the same gather by pool[table]
-            rows = pool.index_select(0, table.reshape(-1))  # [B·n, block_size, Hkv, D]
-            return rows.view(B, n * self.block_size, *pool.shape[2:])[:, : self.length].transpose(1, 2)
-
-        return gather(self.k[layer]), gather(self.v[layer])
+        keys, values = self.pages(layer)
+        return keys.gather(), values.gather()
 
 
 class StagedView(PagedKVCache):
@@ -179,9 +203,10 @@ def _as_forward(rows: slice, chunk: bool, input_pos: torch.Tensor, *xs: torch.Te
     return (input_pos[rows], *(x[rows] for x in xs))
 
 
-def per_sequence(attention):
+def per_sequence(attention, reads_pages: bool = False):
     """`attention` (an `Ops.attention`) that also takes the keys and values of a `PackedView`: each
-    part attends over its own keys, by the same call a forward of its own would make."""
+    part attends over its own keys, by the same call a forward of its own would make. `reads_pages`:
+    `attention` also takes `Pages` (so the engine's cache is built `in_place`)."""
 
     def attend(xq, keys, values, input_pos, sliding_window):  # xq [N, 1, H, D] for a PackedView
         if not isinstance(keys, Parts):
@@ -194,6 +219,7 @@ def per_sequence(attention):
         return torch.cat(outs)  # [N, 1, H, D]
 
     attend.per_sequence = True
+    attend.reads_pages = reads_pages
     return attend
 
 

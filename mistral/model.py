@@ -325,10 +325,12 @@ class Transformer(nn.Module):
 
     def new_paged_cache(self, num_blocks: int, max_batch: int, max_seq_len: int | None = None,
                         block_size: int = BLOCK_SIZE) -> PagedKVCache:
-        """The engine's cache: a pool of `num_blocks` blocks and a block table of `max_batch` rows (kv_cache.py)."""
+        """The engine's cache: a pool of `num_blocks` blocks and a block table of `max_batch` rows
+        (kv_cache.py), read in place by an attention that can (`reads_pages`), else gathered."""
         weight = self.tok_embeddings.weight
         return PagedKVCache.allocate(self.args, num_blocks, max_batch, max_seq_len or self.max_seq_len, block_size,
-                                     weight.device, weight.dtype)
+                                     weight.device, weight.dtype,
+                                     in_place=getattr(self.ops.attention, "reads_pages", False))
 
     def forward(
         self,

@@ -22,7 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import per_sequence
+from .kv_cache import Pages, per_sequence
 from .model import TORCH_OPS, Ops
 from .model import attention as reference_attention
 
@@ -84,19 +84,31 @@ def cpu_kernel_attention(xq, keys, values, input_pos, sliding_window):
     """model.attention; a decode step's few new tokens (T <= 4) in fp32 or bf16 go to
     kernels.cpu.decode_attention, which computes the same softmax in fp32 reading each cached key and
     value row once for the query heads that share it: 10.8 against SDPA's 36.8 us a layer at 48
-    cached positions, 25.7 against 53.6 at 160 (BENCHMARKS.md). Longer inputs (prefill) keep
-    `cpu_attention`."""
+    cached positions, 25.7 against 53.6 at 160 (BENCHMARKS.md). Keys and values may be `Pages` of
+    the engine's paged cache (`reads_pages` below), which it reads through the block table where they
+    lie; a row reads only up to its own position, so the step does not depend on the cache length it
+    is given. Longer inputs (prefill) keep `cpu_attention`, over gathered pages."""
     floats = (torch.float32, torch.bfloat16)
-    if xq.device.type == "cpu" and xq.shape[1] <= 4 and xq.dtype in floats and keys.dtype in floats:
+    paged = isinstance(keys, Pages)
+    if xq.device.type == "cpu" and xq.shape[1] <= 4 and xq.dtype in floats and keys_dtype(keys) in floats:
         from kernels.cpu import decode_attention
 
         pos = input_pos.expand(xq.shape[0]).contiguous()  # [B]; one position may serve every row
-        return decode_attention(xq.contiguous(), keys.contiguous(), values.contiguous(), pos, sliding_window or 0)
+        if paged:
+            return decode_attention(xq.contiguous(), keys.pool, values.pool, pos, sliding_window or 0,
+                                    keys.block_table)
+        return decode_attention(xq.contiguous(), keys, values, pos, sliding_window or 0)
+    if paged:
+        keys, values = keys.gather(), values.gather()
     return cpu_attention(xq, keys, values, input_pos, sliding_window)
 
 
+def keys_dtype(keys) -> torch.dtype:
+    return keys.pool.dtype if isinstance(keys, Pages) else keys.dtype
+
+
 CPU_OPS = dataclasses.replace(PYTORCH_OPS, name="cpu", linear=cpu_kernel_linear,
-                              attention=per_sequence(cpu_kernel_attention))
+                              attention=per_sequence(cpu_kernel_attention, reads_pages=True))
 
 
 def cpu_kernels_error() -> str | None:

@@ -385,6 +385,49 @@ def test_decode_attention_equals_float64_attention(dtype, B, T, H, Hkv, L, D, wi
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
+def test_decode_attention_reads_strided_keys_as_they_are():
+    """A slice of a longer cache (model.KVCache's rows and positions): no copy needed, same result."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(4, 2, 40, 16, generator=g), torch.randn(4, 2, 40, 16, generator=g)
+    q, pos = torch.randn(2, 1, 4, 16, generator=g), torch.tensor([5, 17])
+    out = cpu_kernels.decode_attention(q, k[1:3, :, :24], v[1:3, :, :24], pos, 0)
+    torch.testing.assert_close(out.double(), attention_float64(q, k[1:3, :, :24], v[1:3, :, :24], pos, 0),
+                               rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, window", [(1, 0), (2, 0), (1, 5), (3, 7)])
+def test_paged_decode_attention_equals_float64_attention_over_the_gathered_blocks(dtype, T, window):
+    """Ragged block tables over one pool: rows with different numbers of blocks, a block shared by two
+    rows (a cached prefix), table entries past a row's tokens pointing at the scratch block 0."""
+    g = torch.Generator().manual_seed(T * 10 + window)
+    bs, Hkv, H, D, blocks = 4, 2, 6, 24, 9
+    k_pool, v_pool = (torch.randn(blocks, bs, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    table = torch.tensor([[3, 7, 0, 0, 0],    # positions 0..7
+                          [3, 5, 8, 2, 0],    # shares block 3 with row 0
+                          [1, 0, 0, 0, 0],    # one block
+                          [6, 4, 2, 8, 1]])   # every entry used
+    pos = torch.tensor([8 - T, 15 - T, 1, 20 - T])
+    q = torch.randn(4, T, H, D, generator=g).to(dtype)
+    out = cpu_kernels.decode_attention(q, k_pool, v_pool, pos, window, table)
+    gathered = [pool[table].reshape(4, -1, Hkv, D).transpose(1, 2) for pool in (k_pool, v_pool)]  # [B, Hkv, 20, D]
+    ref = attention_float64(q, *gathered, pos, window)
+    tol = 2e-6 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    assert torch.equal(out, cpu_kernels.decode_attention(q, *(x.contiguous() for x in gathered), pos, window))
+
+
+def test_paged_decode_attention_refuses_a_table_that_leaves_the_pool():
+    pool = torch.randn(3, 4, 2, 8)
+    q, pos = torch.randn(1, 1, 4, 8), torch.tensor([5])
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 3 is not a block of the pool \(3 blocks\)"):
+        cpu_kernels.decode_attention(q, pool, pool, pos, 0, torch.tensor([[1, 3]]))
+    with pytest.raises(ValueError, match=r"block_table must be int64 \[1, n\]"):
+        cpu_kernels.decode_attention(q, pool, pool, pos, 0, torch.tensor([[1, 2]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="k and v must be"):
+        cpu_kernels.decode_attention(q, pool, torch.randn(3, 4, 2, 4), pos, 0, torch.tensor([[1, 2]]))
+
+
 def test_the_cpu_backend_attends_with_it_in_decode_and_compiled():
     from mistral.model import attention as reference
     from mistral.ops import CPU_OPS
@@ -410,3 +453,50 @@ def test_decode_attention_names_what_is_wrong(args, message):
     q, k, v, pos, window = args
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         cpu_kernels.decode_attention(torch.randn(q), torch.randn(k), torch.randn(v), torch.tensor(pos), window)
+
+
+def test_the_engine_on_the_cpu_backend_reads_its_paged_cache_in_place(tmp_path, monkeypatch):
+    """The "cpu" backend's engine cache hands attention the pool's blocks (`Pages`), not a gathered
+    copy: two rows decoding together, the second over a prompt prefix cached by the first (blocks
+    shared), get the logits the "torch" backend gets from gathered keys, eager and compiled."""
+    from mistral.args import preset
+    from mistral.engine import Engine, GenerationParams
+    from mistral.kv_cache import Pages
+
+    folder = make_random(tmp_path / "w", preset("small"), "consolidated", "float32", seed=5)
+    calls = []
+    real = cpu_kernels.decode_attention
+
+    def counted(q, k, v, pos, window, block_table=None):
+        calls.append(block_table is not None)
+        return real(q, k, v, pos, window, block_table)
+
+    monkeypatch.setattr(cpu_kernels, "decode_attention", counted)
+    shared = list(range(100, 140))  # 40 tokens: two whole blocks of 16 to reuse
+    prompts = [[1, *shared, 7], [1, *shared, 9, 11, 13]]
+    seen = {}
+    for name, kernels, compile in (("torch", "torch", False), ("cpu", "cpu", False), ("cpu compiled", "cpu", True)):
+        model = load_model(folder, kernels=kernels, max_seq_len=96, quiet=True)
+        engine = Engine(model, max_batch=2, max_seq_len=96, compile=compile)
+        assert engine.cache.in_place == (kernels == "cpu")
+        logits, step = seen.setdefault(name, []), engine.decode_step
+
+        def keep(*args, step=step, logits=logits):
+            out = step(*args)
+            logits.append(out[0].clone())
+            return out
+
+        engine.decode_step = keep
+        greedy = GenerationParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        first = engine.add(prompts[0], greedy, lambda event: None)
+        engine.step()  # the first prompt is read and its blocks registered: the second reuses them
+        second = engine.add(prompts[1], greedy, lambda event: None)
+        engine.run_until_idle()
+        assert second.cached >= 32 and first.generated == second.generated == 6
+        if kernels == "cpu":
+            assert isinstance(engine.cache.pages(0)[0], Pages)
+    assert calls and all(calls)  # every decode attention read the pool through the block table
+    for name in ("cpu", "cpu compiled"):
+        assert len(seen[name]) == len(seen["torch"])
+        for got, want in zip(seen[name], seen["torch"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -87,12 +87,16 @@ def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mistral_cpu.matvec(x, weight)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal GQA of q [B, T, H, D] over k, v [B, Hkv, L, D]; row b's token t at position pos[b] + t sees
-    keys j with pos - window < j <= pos (window 0: all before it); [B, T, H, D] in q's dtype."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int,
+                     block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA of q [B, T, H, D] over cached keys and values; row b's token t at position pos[b] + t
+    sees keys j with pos - window < j <= pos (window 0: all before it); [B, T, H, D] in q's dtype.
+    k, v are [B, Hkv, L, D] (any strides, D contiguous), or with `block_table` [B, n] (int64) a paged
+    pool [num_blocks, block_size, Hkv, D] where row b's position j sits in block
+    block_table[b, j // block_size], slot j % block_size, read in place."""
     if "library" not in _state:
         load()
-    return torch.ops.mistral_cpu.decode_attention(q, k, v, pos, window)
+    return torch.ops.mistral_cpu.decode_attention(q, k, v, pos, window, block_table)
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -180,5 +184,5 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("mistral_cpu::decode_attention")
-    def _(q, k, v, pos, window):
+    def _(q, k, v, pos, window, block_table=None):
         return torch.empty_like(q)

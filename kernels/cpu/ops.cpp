@@ -3,8 +3,8 @@
 //   mistral_cpu::int8_matvec(Tensor x, Tensor weight, Tensor scales) -> Tensor
 //   mistral_cpu::int4_matvec(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor
 //   mistral_cpu::matvec(Tensor x, Tensor weight) -> Tensor          (fp32 / bf16 weights, float_matvec.h)
-//   mistral_cpu::decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, int window) -> Tensor
-//                                                                   (decode_attention.h)
+//   mistral_cpu::decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, int window,
+//                                 Tensor? block_table=None) -> Tensor   (decode_attention.h)
 //
 // x [..., K] fp32 or bf16; the result [..., N] in x's dtype. The activation is quantized once, then
 // output channels are split across PyTorch's intra-op threads (at::parallel_for).
@@ -107,27 +107,56 @@ at::Tensor float_matvec(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
-                            int64_t window) {
-  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&pos, "pos"}}) check_cpu_contiguous(*t, name);
+                            int64_t window, const std::optional<at::Tensor>& block_table) {
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&pos, "pos"}}) check_cpu_contiguous(*t, name);
   const mfs::DType qt = dtype_of(q, "q"), kt = dtype_of(k, "k");
+  TORCH_CHECK_VALUE(k.device().is_cpu() && v.device().is_cpu(), "k and v must be on the CPU, got ", k.device(),
+                    " and ", v.device());
   TORCH_CHECK_VALUE(v.scalar_type() == k.scalar_type(), "v must have k's dtype ", k.scalar_type(), ", got ",
                     v.scalar_type());
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4, "q must be [B, T, H, D] and k [B, Hkv, L, D], got ", q.sizes(),
+  const bool paged = block_table.has_value();
+  const char* layout = paged ? "[num_blocks, block_size, Hkv, D] (with block_table)" : "[B, Hkv, L, D]";
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4, "q must be [B, T, H, D] and k ", layout, ", got ", q.sizes(),
                     " and ", k.sizes());
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
-  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(), "k and v must be [", B, ", Hkv, L, ",
-                    D, "], got ", k.sizes(), " and ", v.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Hkv = paged ? k.size(2) : k.size(1);
+  TORCH_CHECK_VALUE((paged || k.size(0) == B) && k.size(3) == D && v.sizes() == k.sizes(), "k and v must be ", layout,
+                    " with B = ", B, " and D = ", D, ", got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(k.stride(3) == 1 && v.strides() == k.strides(), "k and v must have the same strides, ",
+                    "contiguous along D; got ", k.strides(), " and ", v.strides());
   TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "H = ", H, " must be a multiple of Hkv = ", Hkv);
   TORCH_CHECK_VALUE(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == B, "pos must be int64 [", B,
                     "], got ", pos.scalar_type(), " ", pos.sizes());
   TORCH_CHECK_VALUE(window >= 0, "window must be >= 0 (0: none), got ", window);
+  mfs::KVRows rows{};
+  if (paged) {
+    const at::Tensor& table = *block_table;
+    check_cpu_contiguous(table, "block_table");
+    TORCH_CHECK_VALUE(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(0) == B,
+                      "block_table must be int64 [", B, ", n], got ", table.scalar_type(), " ", table.sizes());
+    TORCH_CHECK_VALUE(k.is_contiguous(), "a paged k must be contiguous");
+    const int64_t bs = k.size(1), n = table.size(1), blocks = k.size(0);
+    rows = {k.stride(0), k.stride(1), k.stride(2), table.data_ptr<int64_t>(), n, bs, n * bs};
+    // every block a row will read must be in the pool
+    const int64_t* p = pos.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t last = std::min<int64_t>(p[b] + T, n * bs);  // positions [0, last) at most
+      for (int64_t i = 0; i * bs < last; ++i) {
+        const int64_t block = rows.table[b * n + i];
+        TORCH_CHECK_VALUE(block >= 0 && block < blocks, "block_table[", b, ", ", i, "] = ", block,
+                          " is not a block of the pool (", blocks, " blocks)");
+      }
+    }
+  } else {
+    rows = {k.stride(0), k.stride(2), k.stride(1), nullptr, 0, 0, k.size(2)};
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
   // a group is ~4 * T * H / Hkv * L * D flops: hand out threads only when each gets enough of them
-  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, 4 * T * (H / Hkv) * L * D));
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, 4 * T * (H / Hkv) * rows.L * D));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t g0, int64_t g1) {
-    mfs::decode_attention(q.data_ptr(), qt, k.data_ptr(), v.data_ptr(), kt, pos.data_ptr<int64_t>(), T, H, Hkv, L, D,
-                          window, out.data_ptr(), qt, g0, g1);
+    mfs::decode_attention(q.data_ptr(), qt, k.data_ptr(), v.data_ptr(), kt, rows, pos.data_ptr<int64_t>(), T, H, Hkv,
+                          D, window, out.data_ptr(), qt, g0, g1);
   });
   return out;
 }
@@ -140,7 +169,7 @@ TORCH_LIBRARY(mistral_cpu, m) {
   m.def("int8_matvec(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_matvec(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor");
   m.def("matvec(Tensor x, Tensor weight) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, int window) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, int window, Tensor? block_table=None) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
