@@ -1,21 +1,27 @@
-"""Hand-written CPU mat-vec kernels for int8 / int4 weights, for the few rows of a decode step.
+"""Hand-written CPU kernels for the few rows of a decode step: mat-vecs over fp32, bf16, int8 and int4
+weights, and attention.
 
     int8_matvec(x, weight, scales)              weight [N, K] int8, scales [N]: W = weight * scales[:, None]
     int4_matvec(x, weight, scales, group_size)  weight [N, K/2] uint8, two 4-bit weights a byte (input 2j
                                                 in the low nibble of byte j), scales [N, K/group_size]:
                                                 W[n, k] = (nibble - 8) * scales[n, k // group_size]
+    matvec(x, weight)                           fp32 / bf16 weight [N, K]
+    decode_attention(q, k, v, pos, window, block_table=None)
+                                                a decode step's causal GQA over cached keys and
+                                                values, contiguous or a paged pool read in place
 
-x [..., K] is fp32 or bf16 (K a multiple of 32); the result [..., N] is in x's dtype. As llama.cpp's
-q8_0 / q4_0 dot products do, x is quantized to int8 per block of 32 inputs with one fp32 scale each
-(max |x| / 127, round half to even), and each block's products are summed exactly in int32: the
-only error beyond fp32 rounding is that of x's quantization, at most half a step per input, so
-|y - x Wᵀ| <= Σ_k |W[n, k]| · max|x over k's block| / 254.
+For the mat-vecs, x [..., K] is fp32 or bf16 (K a multiple of 32); the result [..., N] is in x's
+dtype. For int8 / int4 weights, as llama.cpp's q8_0 / q4_0 dot products do, x is quantized to int8
+per block of 32 inputs with one fp32 scale each (max |x| / 127, round half to even), and each
+block's products are summed exactly in int32: the only error beyond fp32 rounding is that of x's
+quantization, at most half a step per input, so |y - x Wᵀ| <= Σ_k |W[n, k]| · max|x over k's block| / 254.
 
 The C++ (quant_matvec.cpp: AVX-512 VNNI, AVX2 and portable paths, chosen by the compiler's target;
-ops.cpp: the PyTorch operators `torch.ops.mistral_cpu.*`) is compiled on first use by the system C++
-compiler (`$CXX`, else `c++`) with -O3 -march=native, into a cache folder keyed by the sources, the
-compiler, torch and this CPU (`$MISTRAL_CPU_KERNELS_CACHE`, else ~/.cache/mistral-from-scratch/cpu-kernels;
-~15 s once), and loaded as an operator library: torch.compile sees each call as one opaque op.
+float_matvec.cpp, decode_attention.cpp; ops.cpp: the PyTorch operators `torch.ops.mistral_cpu.*`)
+is compiled on first use by the system C++ compiler (`$CXX`, else `c++`) with -O3 -march=native,
+into a cache folder keyed by the sources, the compiler, torch and this CPU
+(`$MISTRAL_CPU_KERNELS_CACHE`, else ~/.cache/mistral-from-scratch/cpu-kernels; ~15 s once), and
+loaded as an operator library: torch.compile sees each call as one opaque op.
 """
 
 from __future__ import annotations
