@@ -25,6 +25,7 @@ import logging
 
 import torch
 
+from .decode_step import TRACE_SETTINGS
 from .kv_cache import PagedKVCache, StagedView
 from .model import Transformer
 
@@ -75,7 +76,8 @@ class PrefillStep:
             self.table.zero_()  # the scratch block past the sequence's own
             self.table[:, : table.shape[1]] = table
             try:
-                return self.compiled(tokens, stop)
+                with TRACE_SETTINGS:  # as a decode step is traced (decode_step.TRACE_CONFIG)
+                    return self.compiled(tokens, stop)
             except Exception as e:  # the eager forward below writes the same positions again
                 log.warning("the compiled prefill chunk failed (%s: %s); reading prompts eagerly from now on",
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
