@@ -48,16 +48,12 @@ FORWARD_OPTIONS = {**STEP_OPTIONS, "realize_opcount_threshold": 0}
 #                                       carry a version tag) is not checked attribute by attribute
 # The step is a function of persistent tensors (rows.py), so none of this can change what it computes.
 # Together, on a 0.5B int4 step: dynamo's guards 0.65 -> 0.45 ms, its pre-graph code 0.19 -> 0.07 ms.
-TRACE_CONFIG = {"specialize_float": True, "enable_cpp_symbolic_shape_guards": True,
-                "use_recursive_dict_tags_for_guards": True}
-
-
 class TraceConfig:
-    """`with TRACE_SETTINGS:` dynamo's config set to TRACE_CONFIG (each setting this torch has), then put
+    """`with TRACE_CONFIG:` dynamo's config set to these settings (each one this torch has), then put
     back: ~12 us, where `torch._dynamo.config.patch` takes ~80. Process-wide while it lasts, as dynamo's
     config is; the engine's steps run on one thread."""
 
-    def __init__(self, settings: dict[str, bool]):
+    def __init__(self, **settings: bool):
         self.settings = {name: value for name, value in settings.items() if hasattr(torch._dynamo.config, name)}
         self.saved: list = []
 
@@ -72,7 +68,8 @@ class TraceConfig:
             setattr(torch._dynamo.config, name, value)
 
 
-TRACE_SETTINGS = TraceConfig(TRACE_CONFIG)
+TRACE_CONFIG = TraceConfig(specialize_float=True, enable_cpp_symbolic_shape_guards=True,
+                           use_recursive_dict_tags_for_guards=True)
 
 
 class DecodeStep:
@@ -207,9 +204,10 @@ class DecodeStep:
         if "recompile_limit" not in inspect.signature(torch.compile).parameters:
             limit = {}
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-        # Only the ints `batch` and `length` vary (on the "cpu" backend `length` is not even read: its
-        # attention follows each row's own position through the block table): the cache, like the rows (rows.py), keeps its shapes,
-        # and marking them static spares every call their shape guards (in Python, ~0.1 ms a step).
+        # Only the ints `batch` and `length` vary (the "cpu" backend does not even read `length`: its
+        # attention follows each row's own position through the block table). The cache, like the rows
+        # (rows.py), keeps its shapes, and marking them static spares every call their shape guards (in
+        # Python, ~0.1 ms a step).
         for t in (*self.cache.k, *self.cache.v, self.cache.block_table):
             torch._dynamo.mark_static(t)
         # FORWARD_OPTIONS, but only STEP_OPTIONS for batches that filter (top-k / top-p / min-p): with
@@ -219,7 +217,7 @@ class DecodeStep:
         filtering = torch.compile(self.advance_filtering, dynamic=True, fullgraph=True, options=STEP_OPTIONS, **limit)
 
         def step(batch: int, flags: BatchFlags, length: int):
-            with TRACE_SETTINGS:
+            with TRACE_CONFIG:
                 return (filtering if flags.filtering else plain)(batch, flags, length)
 
         return step

@@ -90,21 +90,15 @@ def cpu_kernel_attention(xq, keys, values, input_pos, sliding_window):
     is given. Longer inputs (prefill) keep `cpu_attention`, over gathered pages."""
     floats = (torch.float32, torch.bfloat16)
     paged = isinstance(keys, Pages)
-    if xq.device.type == "cpu" and xq.shape[1] <= 4 and xq.dtype in floats and keys_dtype(keys) in floats:
+    k, v, table = (keys.pool, values.pool, keys.block_table) if paged else (keys, values, None)
+    if xq.device.type == "cpu" and xq.shape[1] <= 4 and xq.dtype in floats and k.dtype in floats:
         from kernels.cpu import decode_attention
 
         pos = input_pos.expand(xq.shape[0]).contiguous()  # [B]; one position may serve every row
-        if paged:
-            return decode_attention(xq.contiguous(), keys.pool, values.pool, pos, sliding_window or 0,
-                                    keys.block_table)
-        return decode_attention(xq.contiguous(), keys, values, pos, sliding_window or 0)
+        return decode_attention(xq.contiguous(), k, v, pos, sliding_window or 0, table)
     if paged:
         keys, values = keys.gather(), values.gather()
     return cpu_attention(xq, keys, values, input_pos, sliding_window)
-
-
-def keys_dtype(keys) -> torch.dtype:
-    return keys.pool.dtype if isinstance(keys, Pages) else keys.dtype
 
 
 CPU_OPS = dataclasses.replace(PYTORCH_OPS, name="cpu", linear=cpu_kernel_linear,

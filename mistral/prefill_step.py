@@ -25,7 +25,7 @@ import logging
 
 import torch
 
-from .decode_step import TRACE_SETTINGS
+from .decode_step import TRACE_CONFIG
 from .kv_cache import PagedKVCache, StagedView
 from .model import Transformer
 
@@ -76,7 +76,7 @@ class PrefillStep:
             self.table.zero_()  # the scratch block past the sequence's own
             self.table[:, : table.shape[1]] = table
             try:
-                with TRACE_SETTINGS:  # as a decode step is traced (decode_step.TRACE_CONFIG)
+                with TRACE_CONFIG:  # dynamo's settings for tracing a decode step (decode_step.py)
                     return self.compiled(tokens, stop)
             except Exception as e:  # the eager forward below writes the same positions again
                 log.warning("the compiled prefill chunk failed (%s: %s); reading prompts eagerly from now on",

@@ -67,16 +67,15 @@ void group(const void* q, DType qt, const KV* k, const KV* v, const KVRows& kv, 
       const int64_t r = t * G + g, h = kvh * G + g;
       for (int64_t d = 0; d < D; ++d) qf[r * D + d] = load_scalar(q, qt, ((b * T + t) * H + h) * D + d) * scale;
     }
-  for (int64_t j = j0; j < std::min(j1, j0 + AHEAD); ++j) {
-    prefetch_row(k + kv.row(b, j, kvh), D);
-    prefetch_row(v + kv.row(b, j, kvh), D);
-  }
+  auto prefetch = [&](int64_t j) {  // key and value j: one offset into both
+    const int64_t at = kv.row(b, j, kvh);
+    prefetch_row(k + at, D);
+    prefetch_row(v + at, D);
+  };
+  for (int64_t j = j0; j < std::min(j1, j0 + AHEAD); ++j) prefetch(j);
   for (int64_t j = j0; j < j1; ++j) {  // each key row once, for every query row
     const KV* kj = k + kv.row(b, j, kvh);
-    if (j + AHEAD < j1) {
-      prefetch_row(k + kv.row(b, j + AHEAD, kvh), D);
-      prefetch_row(v + kv.row(b, j + AHEAD, kvh), D);
-    }
+    if (j + AHEAD < j1) prefetch(j + AHEAD);
     for (int64_t r = 0; r < rows; ++r)
       if (j >= lo[r] && j < hi[r]) scores[r * L + j - j0] = dot(&qf[r * D], kj, D);
   }
