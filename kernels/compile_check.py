@@ -94,8 +94,9 @@ def _cases(shapes: str, dtype: torch.dtype):
             yield f"decode_attention splits={splits} window={window}", lambda s=splits, w=window: (
                 decode_attention.decode_attention(t(1, 1, H, D), cache, cache, pos, w, num_splits=s))
         pool, table = t(257, 16, Hkv, D), torch.zeros(1, 256, dtype=torch.int32)  # 4096 positions in blocks of 16
-        yield f"paged_decode_attention window={window}", lambda w=window: (
-            paged_decode_attention.paged_decode_attention(t(1, 1, H, D), pool, pool, table, pos, w))
+        for splits in (1, 16):
+            yield f"paged_decode_attention splits={splits} window={window}", lambda s=splits, w=window: (
+                paged_decode_attention.paged_decode_attention(t(1, 1, H, D), pool, pool, table, pos, w, num_splits=s))
         for T in (7, 512):
             yield f"prefill_attention T={T} window={window}", lambda T=T, w=window: (
                 prefill_attention.prefill_attention(t(1, T, H, D), cache[:, :, :512], cache[:, :, :512], pos, w))

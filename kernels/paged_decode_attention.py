@@ -15,7 +15,9 @@ this kernel reads the pool in place instead, so a step costs the rows' own posit
   so the block size need not be a multiple of the tile (nor a power of two).
 * Only table entries of visible positions are read: blocks past a row's end, or other rows' blocks, are
   never touched (a block may be in several rows' tables: a shared prompt prefix).
-One program per (row, key/value head): no split-KV yet, so batch 1 at long contexts leaves SMs idle.
+* Split-KV, as in decode_attention.py and with its plan and merge kernel: the number of splits comes
+  from shapes (the table's width), so a CUDA graph replays the same grid, and each row cuts its own
+  visible positions into that many chunks; batch 1 with 8 key/value heads still fills the GPU.
 """
 
 from __future__ import annotations
@@ -26,27 +28,37 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MIN_DOT, check_device, check_float, check_out, check_positions, dot_precision, next_power_of_2, online_softmax_update
+from ._common import (MIN_DOT, check_device, check_float, check_out, check_positions, dot_precision, last_dim_contiguous,
+                      next_power_of_2, online_softmax_update)
+from .decode_attention import _merge_kernel, plan_splits
 
 BLOCK_N = 64  # positions per loop step
 
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, out_ptr,  # q, out [B, 1, H, D]; k, v [blocks, bs, Hkv, D]; table [B, n]; pos [B]
-    qk_scale, window, block_size, table_len,
-    q_sb, q_sh, k_sn, k_so, k_sh, v_sn, v_so, v_sh, t_sb, o_sb, o_sh,
+    q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr,  # q [B, 1, H, D]; k, v [blocks, bs, Hkv, D]; table [B, n]; pos [B]
+    out_ptr,  # [B, 1, H, D] when there is one split
+    part_out_ptr, part_lse_ptr,  # [B, H, splits, D] and [B, H, splits] fp32 partial results, otherwise
+    qk_scale, window, block_size, table_len, n_splits, min_chunk,
+    q_sb, q_sh, k_sn, k_so, k_sh, v_sn, v_so, v_sh, t_sb, o_sb, o_sh, po_sb, po_sh, po_ss, pl_sb, pl_sh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
 
     pos = tl.load(pos_ptr + b)
     end = tl.minimum(pos + 1, table_len * block_size)
     first = 0
     if HAS_WINDOW:
         first = tl.maximum(pos - window + 1, 0)
+    begin = first - first % BLOCK_N
+    # this row's visible tiles cut into n_splits chunks of whole tiles, as decode_attention.py cuts them
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(end - begin, n_splits), BLOCK_N) * BLOCK_N, min_chunk)
+    lo = begin + split * chunk
+    hi = tl.minimum(lo + chunk, end)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -59,9 +71,9 @@ def _paged_decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for tile in range(first - first % BLOCK_N, end, BLOCK_N):
+    for tile in range(lo, hi, BLOCK_N):
         n = tile + tl.arange(0, BLOCK_N)  # positions
-        n_mask = (n < end) & (n >= first)
+        n_mask = (n < hi) & (n >= first)
         block = tl.load(table_ptr + b * t_sb + n // block_size, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N]
         slot = n % block_size
         k_rows = k_ptr + block * k_sn + slot * k_so + kv_head * k_sh  # [BLOCK_N] pointers to each position's key
@@ -72,9 +84,14 @@ def _paged_decode_kernel(
         v = tl.load(v_rows[:, None] + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         m, l, acc = online_softmax_update(m, l, acc, s, v, PRECISION)
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=g_mask[:, None] & d_mask[None, :])
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty split (past the row's end) gives 0
+    mask = g_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+        tl.store(part_out_ptr + b * po_sb + heads[:, None] * po_sh + split * po_ss + d[None, :], out, mask=mask)
+        tl.store(part_lse_ptr + b * pl_sb + heads * pl_sh + split, lse, mask=g_mask)
+    else:
+        tl.store(out_ptr + b * o_sb + heads[:, None] * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def paged_decode_attention(
@@ -86,6 +103,7 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     *,
     out: torch.Tensor | None = None,  # [B, 1, H, D], contiguous; written in full
+    num_splits: int | None = None,  # None: enough to fill the GPU (decode_attention.plan_splits)
     block_n: int = BLOCK_N,
 ) -> torch.Tensor:  # [B, 1, H, D]
     """Attention of one new token per row over its first input_pos[b] + 1 positions, read through its block table."""
@@ -114,14 +132,29 @@ def paged_decode_attention(
         return out
     if k_pool.stride(3) != 1 or v_pool.stride(3) != 1 or xq.stride(3) != 1:
         raise ValueError("xq, k_pool and v_pool must be contiguous in their last dimension")
+    input_pos, block_table = input_pos.contiguous(), last_dim_contiguous(block_table)  # read as pos[b], table[b, j]
     group = H // Hkv
-    _paged_decode_kernel[(B, Hkv)](
-        xq, k_pool, v_pool, block_table, input_pos, out,
-        math.log2(math.e) / math.sqrt(D), sliding_window or 0, block_size, block_table.shape[1],
+    table_len = block_table.shape[1]
+    splits, min_chunk = plan_splits(B, Hkv, table_len * block_size, xq.device, num_splits, block_n)
+    block_d = max(next_power_of_2(D), MIN_DOT)
+    if splits > 1:
+        part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=xq.device)
+        part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=xq.device)
+    else:  # one split writes the output itself; the partial buffers are never touched
+        part_out, part_lse = out.view(B, H, 1, D), out.view(B, H, 1, D)[..., 0]
+    _paged_decode_kernel[(B, Hkv, splits)](
+        xq, k_pool, v_pool, block_table, input_pos, out, part_out, part_lse,
+        math.log2(math.e) / math.sqrt(D), sliding_window or 0, block_size, table_len, splits, min_chunk,
         xq.stride(0), xq.stride(2), *k_pool.stride()[:3], *v_pool.stride()[:3], block_table.stride(0),
-        out.stride(0), out.stride(2),
+        out.stride(0), out.stride(2), *part_out.stride()[:3], *part_lse.stride()[:2],
         GROUP=group, HEAD_DIM=D, BLOCK_G=max(next_power_of_2(group), MIN_DOT), BLOCK_N=block_n,
-        BLOCK_D=max(next_power_of_2(D), MIN_DOT), HAS_WINDOW=sliding_window is not None,
+        BLOCK_D=block_d, HAS_WINDOW=sliding_window is not None, SPLIT=splits > 1,
         PRECISION=dot_precision(xq.dtype), num_warps=4, num_stages=2,
     )
+    if splits > 1:
+        _merge_kernel[(B, H)](
+            part_out, part_lse, out, splits,
+            *part_out.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(2),
+            HEAD_DIM=D, BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+        )
     return out

@@ -14,9 +14,9 @@ there, and attention masks what it reads there.
 
 `PagedKVCache` has the contiguous `model.KVCache`'s interface (`view`, `update`, `read`): `read`
 gathers a row's blocks into [B, Hkv, L, D], so the model and its attention stay as they are. An
-attention that reads blocks where they lie (the "cpu" backend's, for decode steps: mistral/ops.py)
-gets `Pages` from `update` instead, and no copy is made: a cache built with `in_place=True` (as
-`Transformer.new_paged_cache` builds it when `ops.attention.reads_pages` says so).
+attention that reads blocks where they lie (the "cpu" and "triton" backends', for decode steps:
+mistral/ops.py) gets `Pages` from `update` instead, and no copy is made: a cache built with
+`in_place=True` (as `Transformer.new_paged_cache` builds it when `ops.attention.reads_pages` says so).
 
 `PackedView` is the view of a mixed step (engine.py): the decode rows' tokens and prompt chunks in
 one forward, one token a row, so that the linear layers read their weights once for all of them;

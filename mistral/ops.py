@@ -154,8 +154,25 @@ def triton_ops() -> Ops:
     if _TRITON_OPS is None:
         kernels = _project_kernels()
         _TRITON_OPS = Ops("triton", F.linear, kernels.rms_norm, kernels.add_rms_norm, kernels.apply_rotary_emb,
-                          per_sequence(kernels.attention), kernels.silu_mul)
+                          per_sequence(triton_attention, reads_pages=True), kernels.silu_mul)
     return _TRITON_OPS
+
+
+def triton_attention(xq, keys, values, input_pos, sliding_window):
+    """model.attention by the Triton kernels (kernels.attention). Keys and values may be `Pages` of the
+    engine's paged cache: one new token a row reads them through the block table where they lie
+    (kernels.paged_decode_attention), so a decode step, and a CUDA graph replaying one over the whole
+    cache, costs the rows' own positions rather than a gathered copy of every row's table; prompt
+    chunks attend over gathered pages."""
+    kernels = _project_kernels()
+    if isinstance(keys, Pages):
+        if xq.shape[1] == 1:
+            from kernels.paged_decode_attention import paged_decode_attention
+
+            return paged_decode_attention(xq, keys.pool, values.pool, keys.block_table,
+                                          input_pos.expand(xq.shape[0]), sliding_window)
+        keys, values = keys.gather(), values.gather()
+    return kernels.attention(xq, keys, values, input_pos, sliding_window)
 
 
 def _project_kernels():
